@@ -1,0 +1,688 @@
+"""Triton selective scan (Mamba-1 S6 recurrence), forward and backward, SPEC section 1.
+
+Semantics are those of mamba-ssm's ``selective_scan_ref`` (and of
+:func:`alignmamba.ssm.scan.selective_scan_ref`)::
+
+    delta' = softplus(delta + delta_bias)                    (bias, softplus optional)
+    h_t    = exp(delta'_t A) h_{t-1} + delta'_t B_t u_t      h: (B, D, N), fp32
+    y_t    = C_t . h_t + D u_t
+    out    = y * silu(z)                                     (gate optional)
+
+Shapes: u, delta, z (B, D, L); A (D, N) real; B, C (B, N, L) or grouped (B, G, N, L) with
+channel d in group d // (D / G); D, delta_bias (D,); initial_state (B, D, N).
+State and all accumulation are fp32; ``out`` has ``u.dtype``.
+
+Kernel design (numbers and history in docs/KERNEL_NOTES.md):
+
+* one program per (batch, block of BD channels inside one group); it walks the sequence in
+  chunks of BL steps, holding the state (N, BD) in registers. Per chunk it reads u, delta, z,
+  B, C once, fuses bias + softplus, discretisation, the scan, the C contraction, the D skip
+  and the z gate, and writes ``out`` once.
+* inside a chunk the recurrence is a ``tl.associative_scan`` over the time axis, which the
+  layout keeps inside each thread (so it compiles to a sequential multiply-add chain); the
+  carried state enters through the first element, so no separate carry pass is needed.
+* work tiles are 5-D (BL, NI, DW, NL, DL): state n = ni*NL + nl, channel d = dw*DL + dl.
+  Triton's default layout puts the 32 lanes on (NL, DL) and the warps on DW, leaving time and
+  NI (and DW/num_warps channels) in registers. That balances the reductions over N (output)
+  and over channels (dB, dC in the backward) between registers and lanes.
+* the forward saves the state every CK chunks (B, n_ckpt, N, D) fp32. The backward walks the
+  checkpoint segments from the end, re-runs the forward inside a segment (start states of
+  its chunks go to a small per-program scratch buffer), then runs the adjoint scan backwards
+  chunk by chunk. dB, dC (reductions over channels) are summed per program and added with
+  fp32 atomics; dA, dD, d(delta_bias) are per-(batch, channel) partials summed on the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from alignmamba.errors import AlignMambaError
+
+__all__ = ["selective_scan_triton", "ScanConfig", "pick_config"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # composition of x -> a1 x + b1 then x -> a2 x + b2 (left element first in scan order)
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(-|x|)) by its series when tiny: log(1 + e) would round e away below ~1e-7
+    e = tl.exp(-tl.abs(x))
+    lp = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+    return tl.maximum(x, 0.0) + lp
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _to5(x):
+    # (BL, DW, DL) per-(time, channel) tile -> (BL, 1, DW, 1, DL) for broadcasting over N
+    return x[:, None, :, None, :]
+
+
+@triton.jit
+def _sum_n(x):
+    # (BL, NI, DW, NL, DL) -> (BL, DW, DL): registers first, then lanes
+    return tl.sum(tl.sum(x, axis=1), axis=2)
+
+
+@triton.jit
+def _sum_d(x):
+    # (BL, NI, DW, NL, DL) -> (BL, NI, NL): lanes, then registers/warps
+    return tl.sum(tl.sum(x, axis=4), axis=2)
+
+
+@triton.jit
+def _load_dt(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw delta + bias, delta after softplus), both zero where masked."""
+    raw = tl.load(dt_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    # masked steps must leave the state unchanged: delta' = 0 -> exp(0) = 1, no input
+    return raw, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _ssm_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    out_ptr, last_ptr, ckpt_ptr,
+    L, N, Dg, n_blk_g,
+    s_ub, s_ud, s_ul,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_bb, s_bg, s_bn, s_bl,
+    s_cb, s_cg, s_cn, s_cl,
+    s_zb, s_zd, s_zl,
+    s_ob, s_od, s_ol,
+    s_hb, s_hd, s_hn,
+    s_kb, s_kc, s_kn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+    BL: tl.constexpr, NI: tl.constexpr, NL: tl.constexpr, DW: tl.constexpr, DL: tl.constexpr,
+    CK: tl.constexpr,
+):
+    pid_blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    g = pid_blk // n_blk_g
+    d_lo = g * Dg
+    d0 = d_lo + (pid_blk % n_blk_g) * (DW * DL)
+    d_hi = d_lo + Dg
+
+    # (time, channel) tiles: (BL, DW, DL)
+    t3 = tl.arange(0, BL)[:, None, None]
+    d3 = d0 + tl.arange(0, DW)[None, :, None] * DL + tl.arange(0, DL)[None, None, :]
+    dm3 = d3 < d_hi
+    # full work tiles: (BL, NI, DW, NL, DL)
+    t5 = tl.arange(0, BL)[:, None, None, None, None]
+    n5 = tl.arange(0, NI)[None, :, None, None, None] * NL + tl.arange(0, NL)[None, None, None, :, None]
+    d5 = (d0 + tl.arange(0, DW)[None, None, :, None, None] * DL
+          + tl.arange(0, DL)[None, None, None, None, :])
+    nm5 = n5 < N
+    # state tiles: (NI, DW, NL, DL)
+    n4 = tl.arange(0, NI)[:, None, None, None] * NL + tl.arange(0, NL)[None, None, :, None]
+    d4 = d0 + tl.arange(0, DW)[None, :, None, None] * DL + tl.arange(0, DL)[None, None, None, :]
+    sm4 = (n4 < N) & (d4 < d_hi)
+
+    # A pre-scaled by log2(e) so that the discretisation is one exp2
+    A5 = tl.load(A_ptr + d5 * s_ad + n5 * s_an, mask=nm5 & (d5 < d_hi), other=0.0).to(tl.float32)
+    A5 = A5 * 1.4426950408889634
+    if HAS_BIAS:
+        bias3 = tl.load(bias_ptr + d3, mask=dm3, other=0.0).to(tl.float32)
+    else:
+        bias3 = 0.0
+    if HAS_D:
+        Dv3 = tl.load(D_ptr + d3, mask=dm3, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + b * s_hb + d4 * s_hd + n4 * s_hn, mask=sm4, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((NI, DW, NL, DL), dtype=tl.float32)
+
+    u_ptrs = u_ptr + b * s_ub + d3 * s_ud + t3 * s_ul
+    dt_ptrs = dt_ptr + b * s_tb + d3 * s_td + t3 * s_tl
+    z_ptrs = z_ptr + b * s_zb + d3 * s_zd + t3 * s_zl
+    o_ptrs = out_ptr + b * s_ob + d3 * s_od + t3 * s_ol
+    B_ptrs = B_ptr + b * s_bb + g * s_bg + n5 * s_bn + t5 * s_bl
+    C_ptrs = C_ptr + b * s_cb + g * s_cg + n5 * s_cn + t5 * s_cl
+    k_ptrs = ckpt_ptr + b * s_kb + n4 * s_kn + d4
+
+    n_chunks = tl.cdiv(L, BL)
+    for c in range(0, n_chunks):
+        l0 = c * BL
+        tm3 = ((l0 + t3) < L) & dm3
+        tm5 = ((l0 + t5) < L) & nm5
+        u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
+        _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
+        if STORE_CKPT:
+            if c % CK == 0:
+                tl.store(k_ptrs + (c // CK) * s_kc, h, mask=sm4)
+
+        dA = tl.exp2(_to5(dt) * A5)
+        dBu = _to5(dt * u) * Bt
+        # fold the carried state into the first step: h_0 = dA_0 h_prev + dBu_0
+        dBu = tl.where(t5 == 0, dBu + dA * h[None, :, :, :, :], dBu)
+        _, hh = tl.associative_scan((dA, dBu), 0, _affine_combine)
+        y = _sum_n(hh * Ct)
+        h = tl.sum(tl.where(t5 == BL - 1, hh, -0.0), axis=0)
+
+        if HAS_D:
+            y += Dv3 * u
+        if HAS_Z:
+            zv = tl.load(z_ptrs + l0 * s_zl, mask=tm3, other=0.0).to(tl.float32)
+            y = y * zv * _sigmoid(zv)
+        tl.store(o_ptrs + l0 * s_ol, y, mask=tm3)
+
+    if STORE_LAST:
+        tl.store(last_ptr + b * s_hb + d4 * s_hd + n4 * s_hn, h, mask=sm4)
+
+
+@triton.jit
+def _ssm_bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ckpt_ptr,
+    scr_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    L, N, Dg, n_blk_g, Dtot,
+    s_ub, s_ud, s_ul,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_bb, s_bg, s_bn, s_bl,
+    s_cb, s_cg, s_cn, s_cl,
+    s_zb, s_zd, s_zl,
+    s_gb, s_gd, s_gl,
+    s_hb, s_hd, s_hn,
+    s_kb, s_kc, s_kn,
+    s_xb, s_xd, s_xl,
+    s_eb, s_eg, s_en, s_el,
+    s_pb,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr,
+    BL: tl.constexpr, NI: tl.constexpr, NL: tl.constexpr, DW: tl.constexpr, DL: tl.constexpr,
+    CK: tl.constexpr,
+):
+    """Adjoint of the forward. With s_t = dL/dh_t and g_t = dL/dy_t:
+
+    s_t = C_t g_t + exp(delta_{t+1} A) s_{t+1}   (reverse scan, seeded with dlast)
+    dA += delta_t s_t e_t, e_t = h_t - delta_t B_t u_t = exp(delta_t A) h_{t-1}
+    ddelta_t = sum_n (A s_t e_t + s_t B_t u_t);  du_t = delta_t sum_n s_t B_t + D g_t
+    dB_t = sum_d s_t delta_t u_t;  dC_t = sum_d g_t h_t.
+    du, ddelta, dz share the (B, D, L) strides s_x*; dB, dC the (B, G, N, L) strides s_e*.
+    """
+    pid_blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    g = pid_blk // n_blk_g
+    d_lo = g * Dg
+    d0 = d_lo + (pid_blk % n_blk_g) * (DW * DL)
+    d_hi = d_lo + Dg
+
+    t3 = tl.arange(0, BL)[:, None, None]
+    d3 = d0 + tl.arange(0, DW)[None, :, None] * DL + tl.arange(0, DL)[None, None, :]
+    dm3 = d3 < d_hi
+    t5 = tl.arange(0, BL)[:, None, None, None, None]
+    n5 = tl.arange(0, NI)[None, :, None, None, None] * NL + tl.arange(0, NL)[None, None, None, :, None]
+    d5 = (d0 + tl.arange(0, DW)[None, None, :, None, None] * DL
+          + tl.arange(0, DL)[None, None, None, None, :])
+    nm5 = n5 < N
+    n4 = tl.arange(0, NI)[:, None, None, None] * NL + tl.arange(0, NL)[None, None, :, None]
+    dl4 = tl.arange(0, DW)[None, :, None, None] * DL + tl.arange(0, DL)[None, None, None, :]
+    d4 = d0 + dl4
+    sm4 = (n4 < N) & (d4 < d_hi)
+    # (time, state) tiles for dB, dC: (BL, NI, NL)
+    tq = tl.arange(0, BL)[:, None, None]
+    nq = tl.arange(0, NI)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+
+    A5 = tl.load(A_ptr + d5 * s_ad + n5 * s_an, mask=nm5 & (d5 < d_hi), other=0.0).to(tl.float32)
+    A5 = A5 * 1.4426950408889634
+    if HAS_BIAS:
+        bias3 = tl.load(bias_ptr + d3, mask=dm3, other=0.0).to(tl.float32)
+    else:
+        bias3 = 0.0
+    if HAS_D:
+        Dv3 = tl.load(D_ptr + d3, mask=dm3, other=0.0).to(tl.float32)
+    if HAS_DLAST:
+        s = tl.load(dlast_ptr + b * s_hb + d4 * s_hd + n4 * s_hn, mask=sm4, other=0.0)
+        s = s.to(tl.float32)
+    else:
+        s = tl.zeros((NI, DW, NL, DL), dtype=tl.float32)
+    dA_acc = tl.zeros((NI, DW, NL, DL), dtype=tl.float32)
+    dh0 = tl.zeros((NI, DW, NL, DL), dtype=tl.float32)
+    dD_acc = tl.zeros((DW, DL), dtype=tl.float32)
+    dbias_acc = tl.zeros((DW, DL), dtype=tl.float32)
+
+    u_ptrs = u_ptr + b * s_ub + d3 * s_ud + t3 * s_ul
+    dt_ptrs = dt_ptr + b * s_tb + d3 * s_td + t3 * s_tl
+    z_ptrs = z_ptr + b * s_zb + d3 * s_zd + t3 * s_zl
+    g_ptrs = dout_ptr + b * s_gb + d3 * s_gd + t3 * s_gl
+    x_off = b * s_xb + d3 * s_xd + t3 * s_xl
+    B_ptrs = B_ptr + b * s_bb + g * s_bg + n5 * s_bn + t5 * s_bl
+    C_ptrs = C_ptr + b * s_cb + g * s_cg + n5 * s_cn + t5 * s_cl
+    e_off = b * s_eb + g * s_eg + nq * s_en + tq * s_el
+    k_ptrs = ckpt_ptr + b * s_kb + n4 * s_kn + d4
+    # per-program scratch for the chunk-start states of one segment: (CK, NP, BD)
+    pid_lin = tl.program_id(1) * tl.num_programs(0) + pid_blk
+    scr_ptrs = scr_ptr + pid_lin.to(tl.int64) * s_pb + n4 * (DW * DL) + dl4
+
+    n_chunks = tl.cdiv(L, BL)
+    n_seg = tl.cdiv(n_chunks, CK)
+    for seg_r in range(0, n_seg):
+        seg = n_seg - 1 - seg_r
+        h = tl.load(k_ptrs + seg * s_kc, mask=sm4, other=0.0)
+        if CK > 1:
+            # re-run the forward over the segment to get each chunk's start state
+            for k in range(0, CK):
+                tl.store(scr_ptrs + k * (NI * NL * DW * DL), h)
+                if k < CK - 1:
+                    l0 = (seg * CK + k) * BL
+                    tm3 = ((l0 + t3) < L) & dm3
+                    tm5 = ((l0 + t5) < L) & nm5
+                    u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
+                    _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS)
+                    Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
+                    dA = tl.exp2(_to5(dt) * A5)
+                    dBu = _to5(dt * u) * Bt
+                    dBu = tl.where(t5 == 0, dBu + dA * h[None, :, :, :, :], dBu)
+                    _, hh = tl.associative_scan((dA, dBu), 0, _affine_combine)
+                    h = tl.sum(tl.where(t5 == BL - 1, hh, -0.0), axis=0)
+            # the same threads read back what they wrote, but keep the order explicit
+            tl.debug_barrier()
+        for k_r in range(0, CK):
+            k = CK - 1 - k_r
+            if CK > 1:
+                h = tl.load(scr_ptrs + k * (NI * NL * DW * DL))
+            l0 = (seg * CK + k) * BL
+            tm3 = ((l0 + t3) < L) & dm3
+            tm5 = ((l0 + t5) < L) & nm5
+            u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
+            raw, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS)
+            # delta at t+1 (0 past the end) for the adjoint's transition
+            tn3 = ((l0 + 1 + t3) < L) & dm3
+            _, dtn = _load_dt(dt_ptrs + (l0 + 1) * s_tl, tn3, bias3, HAS_BIAS, SOFTPLUS)
+            dy = tl.load(g_ptrs + l0 * s_gl, mask=tm3, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
+
+            # forward states of this chunk
+            dt5 = _to5(dt)
+            dA = tl.exp2(dt5 * A5)
+            dtu = dt * u
+            dBu = _to5(dtu) * Bt
+            dBu_in = tl.where(t5 == 0, dBu + dA * h[None, :, :, :, :], dBu)
+            _, hh = tl.associative_scan((dA, dBu_in), 0, _affine_combine)
+
+            if HAS_Z:
+                zv = tl.load(z_ptrs + l0 * s_zl, mask=tm3, other=0.0).to(tl.float32)
+                y = _sum_n(hh * Ct)
+                if HAS_D:
+                    y += Dv3 * u
+                sz = _sigmoid(zv)
+                dzv = dy * y * sz * (1.0 + zv * (1.0 - sz))
+                tl.store(dz_ptr + x_off + l0 * s_xl, dzv, mask=tm3)
+                dy = dy * zv * sz
+
+            # adjoint states: reverse scan seeded with the next chunk's s
+            a2 = tl.exp2(_to5(dtn) * A5)
+            bc = Ct * _to5(dy)
+            bc = tl.where(t5 == BL - 1, bc + a2 * s[None, :, :, :, :], bc)
+            _, ss = tl.associative_scan((a2, bc), 0, _affine_combine, reverse=True)
+            s = tl.sum(tl.where(t5 == 0, ss, -0.0), axis=0)
+            if HAS_H0:
+                # dL/dh_{-1} = exp(delta_0 A) s_0; only chunk 0's value survives
+                dh0 = tl.sum(tl.where(t5 == 0, dA * ss, -0.0), axis=0)
+
+            sf = ss * (hh - dBu)
+            dA_acc += tl.sum(dt5 * sf, axis=0)
+            sB = _sum_n(ss * Bt)
+            Af = _sum_n(sf * A5) * 0.6931471805599453
+            ddt = Af + u * sB
+            if SOFTPLUS:
+                ddt = ddt * _sigmoid(raw)
+            ddt = tl.where(tm3, ddt, 0.0)
+            du = dt * sB
+            if HAS_D:
+                du += Dv3 * dy
+                dD_acc += tl.sum(dy * u, axis=0)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(ddt, axis=0)
+            tl.store(du_ptr + x_off + l0 * s_xl, du, mask=tm3)
+            tl.store(ddt_ptr + x_off + l0 * s_xl, ddt, mask=tm3)
+
+            tmq = ((l0 + tq) < L) & (nq < N)
+            dBv = _sum_d(ss * _to5(dtu))
+            tl.atomic_add(dB_ptr + e_off + l0 * s_el, dBv, mask=tmq, sem="relaxed")
+            dCv = _sum_d(hh * _to5(dy))
+            tl.atomic_add(dC_ptr + e_off + l0 * s_el, dCv, mask=tmq, sem="relaxed")
+
+    p_off = b * s_hb + d4 * s_hd + n4 * s_hn
+    tl.store(dA_ptr + p_off, dA_acc, mask=sm4)
+    if HAS_H0:
+        tl.store(dh0_ptr + p_off, dh0, mask=sm4)
+    dq = d0 + tl.arange(0, DW)[:, None] * DL + tl.arange(0, DL)[None, :]
+    q_off = b * Dtot + dq
+    if HAS_D:
+        tl.store(dD_ptr + q_off, dD_acc, mask=dq < d_hi)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + q_off, dbias_acc, mask=dq < d_hi)
+
+
+# ------------------------------------------------------------------------------------------
+# launch configuration
+# ------------------------------------------------------------------------------------------
+
+
+class ScanConfig:
+    """Tile shape of one program: BL time steps x (NI*NL) states x (DW*DL) channels.
+
+    NL*DL should be 32 (one warp's lanes) and DW a multiple of num_warps for the intended
+    layout (see the module docstring); any powers of two are *correct*. CK is the number
+    of chunks between saved states (checkpoint every BL*CK steps).
+    """
+
+    __slots__ = ("BL", "NI", "NL", "DW", "DL", "CK", "num_warps")
+
+    def __init__(self, BL: int, NI: int, NL: int, DW: int, DL: int, CK: int, num_warps: int):
+        for name, v in (("BL", BL), ("NI", NI), ("NL", NL), ("DW", DW), ("DL", DL)):
+            if v < 1 or v & (v - 1):
+                raise AlignMambaError(f"selective_scan_triton: config {name}={v} must be a power of 2")
+        if CK < 1 or num_warps < 1:
+            raise AlignMambaError("selective_scan_triton: config CK and num_warps must be >= 1")
+        self.BL, self.NI, self.NL, self.DW, self.DL = BL, NI, NL, DW, DL
+        self.CK, self.num_warps = CK, num_warps
+
+    @property
+    def block_d(self) -> int:
+        return self.DW * self.DL
+
+    def meta(self) -> dict:
+        return dict(BL=self.BL, NI=self.NI, NL=self.NL, DW=self.DW, DL=self.DL, CK=self.CK)
+
+    def __repr__(self) -> str:
+        return (f"ScanConfig(BL={self.BL}, NI={self.NI}, NL={self.NL}, DW={self.DW}, "
+                f"DL={self.DL}, CK={self.CK}, num_warps={self.num_warps})")
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def pick_config(
+    dstate: int, group_dim: int, backward: bool = False, block_l: Optional[int] = None,
+    chunks_per_ckpt: Optional[int] = None,
+) -> ScanConfig:
+    """Default tile for N = ``dstate`` and ``group_dim`` = D / G channels per group.
+
+    Lanes: NL = min(4, N) over states, DL = 32 / NL over channels; warps over channels, each
+    thread holding ``reg_d`` channels. BL = 4 keeps the per-thread tiles (BL*NI*reg_d values)
+    in registers; CK = 16 checkpoints the state every 64 steps (64 B per step and channel-state
+    pair would otherwise be written and read: see docs/KERNEL_NOTES.md).
+    """
+    np2 = _pow2_ceil(dstate)
+    NL = min(4, np2)
+    NI = np2 // NL
+    DL = 32 // NL
+    reg_d = 2 if backward else 4
+    num_warps = 4
+    want = max(1, _pow2_ceil(-(-group_dim // DL)))
+    DW = min(num_warps * reg_d, want)
+    num_warps = max(1, min(num_warps, DW))
+    BL = block_l if block_l is not None else 4
+    CK = chunks_per_ckpt if chunks_per_ckpt is not None else max(1, 64 // BL)
+    return ScanConfig(BL=BL, NI=NI, NL=NL, DW=DW, DL=DL, CK=CK, num_warps=num_warps)
+
+
+# ------------------------------------------------------------------------------------------
+# argument checks and launches
+# ------------------------------------------------------------------------------------------
+
+
+def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+           z: Optional[Tensor], delta_bias: Optional[Tensor],
+           initial_state: Optional[Tensor]) -> Tuple[Tensor, Tensor, int]:
+    """Validate shapes; return B, C as (B, G, N, L) views and G."""
+    def fail(msg: str) -> None:
+        raise AlignMambaError(f"selective_scan_triton: {msg}")
+
+    if u.dim() != 3:
+        fail(f"u must be (B, D, L), got shape {tuple(u.shape)}")
+    bsz, dim, length = u.shape
+    if delta.shape != u.shape:
+        fail(f"delta must match u {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.is_complex() or A.dim() != 2 or A.shape[0] != dim:
+        fail(f"A must be real (D, N) with D={dim}, got {tuple(A.shape)} {A.dtype}")
+    dstate = A.shape[1]
+    views = []
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            t = t.unsqueeze(1)
+        if t.dim() != 4 or t.shape[0] != bsz or t.shape[2] != dstate or t.shape[3] != length:
+            fail(f"{name} must be (B, N, L) or (B, G, N, L) with B={bsz}, N={dstate}, "
+                 f"L={length}; got {tuple(t.shape)} (input-independent B/C are not supported)")
+        if t.is_complex():
+            fail(f"{name} must be real")
+        views.append(t)
+    Bg, Cg = views
+    groups = Bg.shape[1]
+    if Cg.shape[1] != groups or groups < 1 or dim % groups:
+        fail(f"B and C need the same number of groups G dividing D={dim}; "
+             f"got {Bg.shape[1]} and {Cg.shape[1]}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (dim,):
+            fail(f"{name} must be ({dim},), got {tuple(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        fail(f"z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (bsz, dim, dstate):
+        fail(f"initial_state must be (B, D, N)=({bsz}, {dim}, {dstate}), "
+             f"got {tuple(initial_state.shape)}")
+    devs = {t.device for t in (u, delta, A, Bg, Cg, D, z, delta_bias, initial_state)
+            if t is not None}
+    if len(devs) != 1:
+        fail(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    return Bg, Cg, groups
+
+
+def _lastdim_contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    # loads along time are vectorised only when time is the contiguous axis
+    if t is None:
+        return None
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _grid(bsz: int, dim: int, groups: int, cfg: ScanConfig) -> Tuple[Tuple[int, int], int]:
+    dg = dim // groups
+    n_blk_g = -(-dg // cfg.block_d)
+    return (groups * n_blk_g, bsz), n_blk_g
+
+
+def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
+         cfg: ScanConfig):
+    bsz, dim, length = u.shape
+    groups, dstate = Bg.shape[1], A.shape[1]
+    grid, n_blk_g = _grid(bsz, dim, groups, cfg)
+    out = torch.empty_like(u)
+    last = torch.empty(bsz, dim, dstate, device=u.device, dtype=torch.float32) if store_last \
+        else None
+    n_ck = -(-(-(-length // cfg.BL)) // cfg.CK) if store_ckpt else 0
+    ckpt = torch.empty(bsz, n_ck, dstate, dim, device=u.device, dtype=torch.float32) \
+        if store_ckpt else None
+    dummy = u  # never read when the matching flag is off
+    hs = h0 if h0 is not None else (last if last is not None else None)
+    zs = z if z is not None else u
+    ks = ckpt if ckpt is not None else torch.empty(1, 1, 1, device=u.device)
+    _ssm_fwd_kernel[grid](
+        u, delta, A, Bg, Cg,
+        D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy,
+        h0 if h0 is not None else dummy,
+        out, last if last is not None else dummy, ks,
+        length, dstate, dim // groups, n_blk_g,
+        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zs.stride(),
+        *out.stride(),
+        *(hs.stride() if hs is not None else (0, 0, 0)),
+        ks.stride(0), ks.stride(1), ks.stride(2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, STORE_LAST=store_last,
+        STORE_CKPT=store_ckpt, num_warps=cfg.num_warps, **cfg.meta(),
+    )
+    return out, last, ckpt
+
+
+def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
+         cfg: ScanConfig):
+    bsz, dim, length = u.shape
+    groups, dstate = Bg.shape[1], A.shape[1]
+    grid, n_blk_g = _grid(bsz, dim, groups, cfg)
+    dev = u.device
+    f32 = torch.float32
+    du = torch.empty_like(u)
+    ddelta = torch.empty(u.shape, device=dev, dtype=delta.dtype)
+    dz = torch.empty(u.shape, device=dev, dtype=z.dtype) if z is not None else None
+    # (B, D, L) outputs share one set of strides
+    assert du.stride() == ddelta.stride() and (dz is None or dz.stride() == du.stride())
+    dA_part = torch.empty(bsz, dim, dstate, device=dev, dtype=f32)
+    dBg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
+    dCg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
+    dD_part = torch.empty(bsz, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(bsz, dim, device=dev, dtype=f32) if delta_bias is not None \
+        else None
+    dh0 = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if h0 is not None else None
+    np2 = cfg.NI * cfg.NL
+    n_prog = grid[0] * grid[1]
+    scr = torch.empty(n_prog, cfg.CK, np2, cfg.block_d, device=dev, dtype=f32) if cfg.CK > 1 \
+        else torch.empty(1, device=dev, dtype=f32)
+    zs = z if z is not None else u
+    dummy = dA_part
+    _ssm_bwd_kernel[grid](
+        u, delta, A, Bg, Cg,
+        D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy,
+        dout, dlast if dlast is not None else dummy, ckpt, scr,
+        du, ddelta, dz if dz is not None else dummy, dA_part, dBg, dCg,
+        dD_part if dD_part is not None else dummy,
+        dbias_part if dbias_part is not None else dummy,
+        dh0 if dh0 is not None else dummy,
+        length, dstate, dim // groups, n_blk_g, dim,
+        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zs.stride(),
+        *dout.stride(),
+        *dA_part.stride(),
+        ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
+        *du.stride(), *dBg.stride(),
+        scr.stride(0) if cfg.CK > 1 else 0,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, HAS_DLAST=dlast is not None,
+        num_warps=cfg.num_warps, **cfg.meta(),
+    )
+    dA = dA_part.sum(0)
+    dD = dD_part.sum(0) if dD_part is not None else None
+    dbias = dbias_part.sum(0) if dbias_part is not None else None
+    return du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
+                return_last_state, need_grad, cfg_f, cfg_b):  # type: ignore[override]
+        Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
+        Bg, Cg = _lastdim_contig(Bg), _lastdim_contig(Cg)
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        # the backward walks the forward's checkpoints: both passes must use the same BL, CK
+        cfg_b = ScanConfig(cfg_f.BL, cfg_b.NI, cfg_b.NL, cfg_b.DW, cfg_b.DL, cfg_f.CK,
+                           cfg_b.num_warps)
+        out, last, ckpt = _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus,
+                               return_last_state, need_grad, cfg_f)
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt)
+            ctx.softplus = softplus
+            ctx.cfg_b = cfg_b
+            ctx.b_dims = B.dim()
+            ctx.dtypes = (B.dtype, C.dtype)
+        ctx.set_materialize_grads(False)
+        if return_last_state:
+            return out, last
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *rest):  # type: ignore[override]
+        u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt = ctx.saved_tensors
+        dlast = rest[0] if rest else None
+        if dout is None:
+            dout = torch.zeros_like(u)
+        dout = _lastdim_contig(dout)
+        if dlast is not None:
+            dlast = dlast.contiguous()
+        du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0 = _bwd(
+            dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, ctx.softplus,
+            ctx.cfg_b)
+        dB = dBg.to(ctx.dtypes[0])
+        dC = dCg.to(ctx.dtypes[1])
+        if ctx.b_dims == 3:
+            dB, dC = dB.squeeze(1), dC.squeeze(1)
+        dA = dA.to(A.dtype)
+        if dD is not None:
+            dD = dD.to(D.dtype)
+        if dbias is not None:
+            dbias = dbias.to(delta_bias.dtype)
+        if dh0 is not None:
+            dh0 = dh0.to(h0.dtype)
+        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None)
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: Optional[Tensor] = None,
+    block_l: Optional[int] = None,
+    chunks_per_ckpt: Optional[int] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Fused selective scan (SPEC section 1, mamba-ssm ``selective_scan_ref`` semantics).
+
+    u, delta, z: (B, D, L) fp32/bf16/fp16; A: (D, N) fp32; B, C: (B, N, L) or (B, G, N, L);
+    D, delta_bias: (D,); initial_state: (B, D, N). Returns out (B, D, L) in ``u.dtype``, or
+    (out, last_state (B, D, N) fp32). Differentiable in every tensor argument. Runs on CUDA,
+    or on CPU under ``TRITON_INTERPRET=1`` (slow; tests only). ``block_l`` (power of 2) and
+    ``chunks_per_ckpt`` override the tile length and checkpoint spacing.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    dstate = A.shape[1]
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    dg = u.shape[1] // groups
+    cfg_f = pick_config(dstate, dg, False, block_l, chunks_per_ckpt)
+    cfg_b = pick_config(dstate, dg, True, block_l, chunks_per_ckpt)
+    return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                  bool(delta_softplus), bool(return_last_state), need_grad,
+                                  cfg_f, cfg_b)

@@ -1,0 +1,323 @@
+"""Triton selective scan vs a float64 recurrence, forward and every gradient.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before Triton is
+imported), so sizes stay tiny. On a CUDA machine the same tests run compiled, plus a larger case.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from alignmamba.errors import AlignMambaError  # noqa: E402
+import alignmamba.ssm.triton_scan as ts  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+if not CUDA and type(ts._ssm_fwd_kernel).__name__ != "InterpretedFunction":
+    # imported earlier without the interpreter flag: rebuild the kernels under it
+    ts = importlib.reload(ts)
+
+
+def _fast_interpreter_scan():
+    """Vectorise the interpreter's generic ``associative_scan`` (test speed only).
+
+    Triton's interpreter applies a custom combine function one element at a time in Python
+    (~1 ms per element). This does the same left-to-right fold along the scan axis, one
+    whole slice per step, calling the kernel's own combine function: the order of operations
+    and thus the results are those of the original; only the Python overhead goes.
+    """
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    scan_ops = getattr(interp, "ScanOps", None)
+    if scan_ops is None or not hasattr(scan_ops, "generic_scan"):
+        return  # a Triton whose interpreter changed: keep its own (slow but correct) scan
+
+    def generic_scan(self, input):
+        axis = self.axis
+        data = [np.moveaxis(arg.handle.data, axis, 0) for arg in input]
+        outs = [np.empty_like(d) for d in data]
+        acc = None
+        for i in range(data[0].shape[0]):
+            cur = tuple(self.to_tensor(np.ascontiguousarray(d[i]), arg.dtype)
+                        for d, arg in zip(data, input))
+            if acc is None:
+                acc = cur
+            else:
+                ret = self.combine_fn.fn(*acc, *cur)
+                acc = ret if isinstance(ret, tuple) else (ret,)
+            for o, a in zip(outs, acc):
+                o[i] = a.handle.data
+        return [self.to_tensor(np.ascontiguousarray(np.moveaxis(o, 0, axis)), arg.dtype)
+                for o, arg in zip(outs, input)]
+
+    scan_ops.generic_scan = generic_scan
+
+
+def _rne_interpreter_bf16():
+    """Make the interpreter round fp32 -> bf16 to nearest-even, as the GPU's cvt.rn does.
+
+    The interpreter implements Triton's default (round-to-nearest) fp32 -> bf16 cast by
+    truncating the mantissa, which doubles the rounding error of every bf16 output and would
+    make the bf16 accuracy test measure the interpreter instead of the kernel.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = getattr(interp, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_fp_trunc"):
+        return
+    original = builder.create_fp_trunc
+
+    def create_fp_trunc(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            bits = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return interp.TensorHandle(bits, tl.bfloat16)
+        return original(self, src, dst_type)
+
+    builder.create_fp_trunc = create_fp_trunc
+
+
+if not CUDA:
+    _fast_interpreter_scan()
+    _rne_interpreter_bf16()
+
+
+def ref_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, h0=None,
+             dtype=torch.float64):
+    """The recurrence step by step in ``dtype`` (SPEC section 1); returns (out, last_state)."""
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    dt = delta
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    if softplus:
+        dt = torch.relu(dt) + torch.log1p(torch.exp(-dt.abs()))
+    bsz, dim, length = u.shape
+    Bg = B if B.dim() == 4 else B[:, None]
+    Cg = C if C.dim() == 4 else C[:, None]
+    rep = dim // Bg.shape[1]
+    Bd = Bg.repeat_interleave(rep, dim=1)  # (B, D, N, L)
+    Cd = Cg.repeat_interleave(rep, dim=1)
+    h = u.new_zeros(bsz, dim, A.shape[1]) if h0 is None else h0.to(dtype)
+    ys = []
+    for t in range(length):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * Bd[..., t]
+        ys.append((h * Cd[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y, h
+
+
+def make_inputs(bsz, dim, dstate, length, groups, has_d, has_z, has_bias, has_h0, dtype,
+                seed, softplus=True, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    x = {
+        "u": r(bsz, dim, length).to(dtype),
+        # raw delta around -0.5 goes through softplus; without it, positive steps in ~[0.1, 1]
+        "delta": ((r(bsz, dim, length, scale=0.5) - 0.5) if softplus
+                  else torch.exp(r(bsz, dim, length, scale=0.5) - 1.0)).to(dtype),
+        "A": -torch.exp(r(dim, dstate, scale=0.5)),
+        "B": (r(bsz, dstate, length) if groups == 0 else r(bsz, groups, dstate, length)).to(dtype),
+        "C": (r(bsz, dstate, length) if groups == 0 else r(bsz, groups, dstate, length)).to(dtype),
+        "D": r(dim) if has_d else None,
+        "z": r(bsz, dim, length).to(dtype) if has_z else None,
+        "delta_bias": r(dim, scale=0.5) if has_bias else None,
+        "initial_state": r(bsz, dim, dstate) if has_h0 else None,
+    }
+    return x
+
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def run_with_grads(fn, x, softplus, last, dtype_ref=None, seed=0):
+    """Forward, then backward of a random projection of (out, last_state); returns dicts."""
+    leaves = {}
+    for k, v in x.items():
+        if v is None:
+            leaves[k] = None
+        else:
+            t = v.detach().clone() if dtype_ref is None else v.detach().to(dtype_ref)
+            leaves[k] = t.requires_grad_(True)
+    res = fn(leaves, softplus, last)
+    out, state = res if isinstance(res, tuple) else (res, None)
+    g = torch.Generator().manual_seed(1000 + seed)
+    w = torch.randn(out.shape, generator=g).to(out.device, torch.float64)
+    loss = (out.to(torch.float64) * w).sum()
+    if last:
+        ws = torch.randn(state.shape, generator=g).to(out.device, torch.float64)
+        loss = loss + (state.to(torch.float64) * ws).sum()
+    loss.backward()
+    grads = {k: (None if v is None else v.grad) for k, v in leaves.items()}
+    return out.detach(), (None if state is None else state.detach()), grads
+
+
+def triton_fn(block_l=None, ck=None):
+    def fn(x, softplus, last):
+        return ts.selective_scan_triton(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+            delta_softplus=softplus, return_last_state=last, initial_state=x["initial_state"],
+            block_l=block_l, chunks_per_ckpt=ck)
+    return fn
+
+
+def ref_fn(dtype):
+    def fn(x, softplus, last):
+        out, state = ref_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                              x["delta_bias"], softplus, x["initial_state"], dtype=dtype)
+        out = out.to(x["u"].dtype)
+        return (out, state) if last else out
+    return fn
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# (L, BL, CK, N, D, groups, has_D, has_z, has_bias, softplus, last, h0)
+CASES = [
+    (70, 16, 1, 16, 8, 0, True, True, True, True, True, False),
+    (33, 32, 1, 4, 4, 0, False, False, False, False, False, False),
+    (70, 16, 2, 8, 8, 2, True, False, True, False, True, True),
+    (7, 16, 1, 16, 4, 0, True, True, False, True, False, False),
+    (1, 16, 1, 4, 4, 2, False, True, True, True, True, True),
+    (33, 16, 3, 5, 6, 3, True, True, True, True, False, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"L{c[0]}-BL{c[1]}-CK{c[2]}-N{c[3]}-D{c[4]}-G{c[5]}"
+                                             for c in CASES])
+def test_fp32_forward_and_grads_match_float64(case):
+    L, BL, CK, N, D, G, has_d, has_z, has_bias, softplus, last, h0 = case
+    x = make_inputs(2, D, N, L, G, has_d, has_z, has_bias, h0, torch.float32, seed=L + N + D,
+                    softplus=softplus)
+    out, state, grads = run_with_grads(triton_fn(BL, CK), x, softplus, last)
+    rout, rstate, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
+                                          dtype_ref=torch.float64)
+    assert out.dtype == torch.float32 and out.shape == x["u"].shape
+    assert torch.isfinite(out).all()
+    assert rel_err(out, rout) < 1e-5
+    if last:
+        assert state.dtype == torch.float32 and state.shape == (2, D, N)
+        assert rel_err(state, rstate) < 1e-5
+    for k in GRAD_NAMES:
+        if x[k] is None:
+            continue
+        assert grads[k] is not None and grads[k].shape == x[k].shape, k
+        assert torch.isfinite(grads[k]).all(), k
+        err = rel_err(grads[k], rgrads[k])
+        assert err < 1e-5, f"grad {k}: rel err {err:.2e}"
+
+
+def test_bf16_error_within_twice_pytorch_fp32():
+    """bf16 inputs: our error vs the float64 truth is at most ~2x that of an fp32 PyTorch scan."""
+    L, N, D = 70, 16, 8
+    x = make_inputs(2, D, N, L, 2, True, True, True, False, torch.bfloat16, seed=7)
+    out, _, grads = run_with_grads(triton_fn(16), x, True, False)
+    tout, _, tgrads = run_with_grads(ref_fn(torch.float32), x, True, False)
+    rout, _, rgrads = run_with_grads(ref_fn(torch.float64), x, True, False,
+                                     dtype_ref=torch.float64)
+    assert out.dtype == torch.bfloat16
+    e_ours, e_torch = rel_err(out, rout), rel_err(tout, rout)
+    assert e_ours <= 2 * e_torch + 1e-6, (e_ours, e_torch)
+    assert e_ours < 1e-2
+    for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
+        assert grads[k].dtype == x[k].dtype, k
+        e_ours, e_torch = rel_err(grads[k], rgrads[k]), rel_err(tgrads[k], rgrads[k])
+        assert e_ours <= 2 * e_torch + 1e-6, (k, e_ours, e_torch)
+
+
+def test_no_grad_forward_and_non_contiguous_inputs():
+    """Inference skips the checkpoints; inputs with a strided time axis are handled."""
+    L, N, D = 33, 8, 8
+    x = make_inputs(2, D, N, L, 0, True, True, True, False, torch.float32, seed=3)
+    u_t = x["u"].transpose(1, 2).contiguous().transpose(1, 2)  # time axis not contiguous
+    assert u_t.stride(-1) != 1
+    with torch.no_grad():
+        out, state = ts.selective_scan_triton(u_t, x["delta"], x["A"], x["B"], x["C"], x["D"],
+                                              x["z"], x["delta_bias"], True, True, block_l=16)
+    rout, rstate = ref_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                            x["delta_bias"], True)
+    assert rel_err(out, rout) < 1e-5 and rel_err(state, rstate) < 1e-5
+
+
+def test_state_continuation_matches_one_pass():
+    """Scanning [0, 20) then [20, 45) from the returned state equals one pass over [0, 45)."""
+    x = make_inputs(2, 4, 8, 45, 0, True, False, True, False, torch.float32, seed=11)
+    full, hfull = ts.selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],
+                                           None, x["delta_bias"], True, True, block_l=16)
+    s1 = slice(0, 20)
+    s2 = slice(20, 45)
+    a, h1 = ts.selective_scan_triton(x["u"][..., s1], x["delta"][..., s1], x["A"],
+                                     x["B"][..., s1], x["C"][..., s1], x["D"], None,
+                                     x["delta_bias"], True, True, block_l=16)
+    b, h2 = ts.selective_scan_triton(x["u"][..., s2], x["delta"][..., s2], x["A"],
+                                     x["B"][..., s2], x["C"][..., s2], x["D"], None,
+                                     x["delta_bias"], True, True, initial_state=h1, block_l=16)
+    assert rel_err(torch.cat([a, b], -1), full) < 1e-6
+    assert rel_err(h2, hfull) < 1e-6
+
+
+def test_dispatcher_reaches_triton():
+    scan = pytest.importorskip("alignmamba.ssm.scan")
+    x = make_inputs(2, 4, 4, 9, 0, True, True, True, False, torch.float32, seed=5)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
+    got = scan.selective_scan(*args, backend="triton")
+    want, _ = ref_scan(*args)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("bad", ["A3d", "Bshape", "groups", "Dshape", "complexA"])
+def test_bad_arguments_raise_alignmamba_error(bad):
+    x = make_inputs(1, 4, 4, 5, 0, True, False, False, False, torch.float32, seed=1)
+    if bad == "A3d":
+        x["A"] = x["A"][None]
+    elif bad == "Bshape":
+        x["B"] = x["B"][..., :3]
+    elif bad == "groups":
+        x["B"] = x["B"][:, None].expand(1, 3, 4, 5)
+        x["C"] = x["C"][:, None].expand(1, 3, 4, 5)
+    elif bad == "Dshape":
+        x["D"] = x["D"][:3]
+    elif bad == "complexA":
+        x["A"] = x["A"].to(torch.complex64)
+    with pytest.raises(AlignMambaError, match="selective_scan_triton"):
+        ts.selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"])
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled-kernel size check needs CUDA; the interpreter "
+                    "covers the same code paths at small sizes above")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_default_config_large(dtype):
+    """Default tiles and checkpoint spacing at a realistic width on the GPU."""
+    x = make_inputs(2, 256, 16, 1000, 0, True, True, True, False, dtype, seed=21)
+    out, _, grads = run_with_grads(triton_fn(), x, True, False)
+    tout, _, tgrads = run_with_grads(ref_fn(torch.float32), x, True, False)
+    rout, _, rgrads = run_with_grads(ref_fn(torch.float64), x, True, False,
+                                     dtype_ref=torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else None
+    for k in ("out",) + tuple(k for k in GRAD_NAMES if x[k] is not None):
+        a, t, r = (out, tout, rout) if k == "out" else (grads[k], tgrads[k], rgrads[k])
+        e_ours, e_torch = rel_err(a, r), rel_err(t, r)
+        if tol is not None:
+            assert e_ours < tol, (k, e_ours)
+        else:
+            assert e_ours <= 2 * e_torch + 1e-6, (k, e_ours, e_torch)
