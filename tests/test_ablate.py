@@ -1,0 +1,90 @@
+"""Ablation runner (alignmamba/ablate.py): variants, table, CLI, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignmamba import ablate
+from alignmamba.cli import main
+from alignmamba.errors import ConfigError
+from alignmamba.train import resolve_config
+
+TINY = ["data.synthetic_n_train=48", "data.synthetic_n_valid=16", "data.synthetic_n_test=16",
+        "data.batch_size=16", "model.d_model=16", "model.n_layers=1", "train.threads=1"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_variant_configs_differ_only_where_they_should(tmp_path):
+    base = resolve_config("synthetic", None, TINY, seeds=[1], epochs=1)
+    cfgs = {name: ablate.variant_config(base, name, tmp_path) for name in ablate.VARIANTS}
+    assert cfgs["alignmamba"].model == base.model
+    assert cfgs["no_ot"].model.use_ot is False and cfgs["no_ot"].model.use_mmd is True
+    assert cfgs["no_mmd"].model.use_mmd is False and cfgs["no_mmd"].model.use_ot is True
+    assert not cfgs["no_ot_no_mmd"].model.use_ot and not cfgs["no_ot_no_mmd"].model.use_mmd
+    assert cfgs["sinkhorn"].model.ot_plan == "sinkhorn"
+    assert cfgs["order_aware"].model.ot_time_beta == 1.0
+    for name in ("transformer_single", "transformer_multi", "mamba_single", "mamba_multi"):
+        assert cfgs[name].model.model == name
+    for name, cfg in cfgs.items():
+        assert cfg.train.out == str(tmp_path / name)
+        assert cfg.data == base.data and cfg.optim == base.optim and cfg.train.seeds == [1]
+    assert base.train.out != str(tmp_path / "alignmamba")  # the base config is not modified
+
+
+def test_ablate_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "abl"
+    common = ["ablate", "--out", str(out), "--seeds", "1", "2", "--epochs", "1", "--quiet"]
+    for kv in TINY:
+        common += ["--set", kv]
+    args = common + ["--variants", "alignmamba", "mamba_multi"]
+    assert main(args) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert report["seeds"] == [1, 2] and report["delta_key"] == "Non0_acc_2"
+    assert [v["name"] for v in report["variants"]] == ["alignmamba", "mamba_multi"]
+    metrics = {"Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5", "Mult_acc_7",
+               "MAE", "Corr"}
+    for v in report["variants"]:
+        assert set(v["test"]) == metrics and set(v["test_std"]) == metrics
+        assert (out / v["name"] / "metrics.json").is_file()
+        seeds = json.loads((out / v["name"] / "metrics.json").read_text())["seeds"]
+        assert [s["seed"] for s in seeds] == [1, 2]
+        expected = (v["test"]["Non0_acc_2"] - report["variants"][0]["test"]["Non0_acc_2"]) * 100
+        assert v["delta"] == pytest.approx(expected)
+    assert report["variants"][0]["delta"] == 0.0
+    # the variants really were different models / configs
+    assert json.loads((out / "mamba_multi" / "config.json").read_text())["model"]["model"] == "mamba_multi"
+    assert json.loads((out / "alignmamba" / "config.json").read_text())["model"]["model"] == "alignmamba"
+    md = (out / "ablation.md").read_text()
+    assert md.count("\n| ") == 3  # header + 2 variants (the separator starts with "|---")
+    assert "Non0_acc_2" in md and "± " in md and "mamba_multi" in md
+    # --resume reuses finished variants with the same config instead of training again
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    # ... but not when the shared config changed
+    assert main(common + ["--variants", "alignmamba", "--resume", "--set", "model.dropout=0.2"]) == 0
+    assert "reusing" not in capsys.readouterr().out
+
+
+def test_unknown_variant_is_a_user_error(tmp_path, capsys):
+    assert main(["ablate", "--out", str(tmp_path), "--variants", "alignmamba", "nope"]) == 2
+    assert "--variants: unknown variant 'nope'" in capsys.readouterr().err
+    base = resolve_config("synthetic", None, TINY, seeds=[1], epochs=1)
+    with pytest.raises(ConfigError):
+        ablate.run_ablation(base, [], tmp_path)
+
+
+def test_format_without_reference():
+    report = {"seeds": [1], "data": "x", "epochs": 1, "delta_key": "Non0_acc_2", "variants": [
+        {"name": "mamba_single", "description": "d", "test": {"Non0_acc_2": 0.5, "MAE": 1.25},
+         "test_std": {"Non0_acc_2": 0.1, "MAE": 0.5}, "delta": None}]}
+    md = ablate.format_ablation(report)
+    assert "| mamba_single (d) | 50.00 ± 10.00 | 1.25 ± 0.50 | - |" in md
