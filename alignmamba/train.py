@@ -1,0 +1,577 @@
+"""One training loop for every model: configs, presets, train / select / test, several seeds.
+
+L = L_task + lambda L_align (eq. 12): L1 (default, as MMSA) or MSE for regression,
+cross-entropy for classification. Model selection by validation loss with early stopping
+(MMSA's protocol), the best weights reloaded and evaluated on test. Several seeds give
+per-seed rows and their mean / standard deviation.
+
+Output directory (``train.out``)::
+
+    config.json            the resolved ExperimentConfig
+    metrics.json           {"test": means, "test_std": stds, "seeds": [per-seed dicts]}
+    seed_<s>/log.csv       one row per epoch
+    seed_<s>/curves.png    loss and validation metric per epoch (when matplotlib is there)
+    seed_<s>/best/         best checkpoint (config.json + model.safetensors)
+    seed_<s>/test_predictions.csv
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import atomic_write_json, atomic_write_text, save_checkpoint
+from .config import apply_overrides, from_dict, load_file, merge_dicts, to_dict
+from .errors import AlignMambaError, ConfigError
+from .metrics import classification_metrics, msa_metrics
+from .model import AlignMambaConfig, build_model
+
+
+# ------------------------------------------------------------------ configs
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # "synthetic" | "mosi" | "mosei" (a preset name; the file decides the shapes)
+    path: str | None = None  # MMSA or MulT pickle; None with dataset=synthetic generates data in memory
+    synthetic_like: str = "mosi"  # shapes of the generated data: "mosi" | "mosei"
+    synthetic_aligned: bool = False  # generated data aligned (all 50 steps) or unaligned
+    synthetic_seed: int = 0  # seed of the generated data (independent of the training seeds)
+    synthetic_n_train: int | None = None  # None: the real split sizes of MOSI / MOSEI
+    synthetic_n_valid: int | None = None
+    synthetic_n_test: int | None = None
+    batch_size: int = 32  # global batch size (split across processes under DDP)
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    missing_protocol: str = "none"  # "none" | "imder" (whole modalities) | "tokens" (frames)
+    missing_rate: float = 0.0  # training missing rate; < 0 draws a rate in [0.1, 0.7] per batch
+    nonfinite: str = "sanitize"  # NaN/Inf in features: "sanitize" (set to 0, warn with counts) | "refuse"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # "adamw" | "adam" | "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # not applied to biases, norms, A_log, D, embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # "cosine" | "none" | "plateau" | "step"
+    warmup_epochs: int = 1  # linear warm-up (cosine / none)
+    step_size: int = 10  # "step" scheduler period in epochs
+    gamma: float = 0.5  # "step" / "plateau" decay factor
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    patience: int = 8  # early stopping on validation loss (MMSA uses 8)
+    seeds: list[int] = field(default_factory=lambda: [1111])
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    loss: str = "l1"  # regression task loss: "l1" | "mse"
+    out: str = "runs/latest"
+    quiet: bool = False  # no progress bar, one line per epoch only
+    on_nonfinite_loss: str = "stop"  # "stop" (keep the best checkpoint) | "skip" (skip the step)
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+
+
+@dataclass
+class ExperimentConfig:
+    model: AlignMambaConfig = field(default_factory=AlignMambaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        choices = {
+            ("data", "dataset"): ("synthetic", "mosi", "mosei"),
+            ("data", "synthetic_like"): ("mosi", "mosei"),
+            ("data", "missing_protocol"): ("none", "imder", "tokens"),
+            ("data", "nonfinite"): ("sanitize", "refuse"),
+            ("optim", "name"): ("adamw", "adam", "sgd"),
+            ("optim", "scheduler"): ("cosine", "none", "plateau", "step"),
+            ("train", "loss"): ("l1", "mse"),
+            ("train", "on_nonfinite_loss"): ("stop", "skip"),
+        }
+        for (sec, key), allowed in choices.items():
+            val = getattr(getattr(self, sec), key)
+            if val not in allowed:
+                raise ConfigError(f"{sec}.{key}: {val!r} is not one of {list(allowed)}")
+        if self.data.batch_size < 1 or self.data.eval_batch_size < 1:
+            raise ConfigError("data.batch_size: must be >= 1")
+        if self.train.epochs < 1:
+            raise ConfigError(f"train.epochs: must be >= 1, got {self.train.epochs}")
+        if not self.train.seeds:
+            raise ConfigError("train.seeds: give at least one seed")
+        if self.data.missing_rate > 1.0:
+            raise ConfigError(f"data.missing_rate: must be <= 1, got {self.data.missing_rate}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.optim.lr}")
+
+
+# Per-dataset presets (documented defaults; every value can be overridden). The widths of
+# the inputs come from the data file, not from here.
+PRESETS: dict[str, dict[str, Any]] = {
+    "synthetic": {
+        "model": {"d_model": 64, "n_layers": 2, "d_state": 16, "dropout": 0.1, "align_lambda": 0.1},
+        "optim": {"lr": 2e-3, "weight_decay": 1e-4},
+        "train": {"epochs": 12, "patience": 5},
+    },
+    "mosi": {
+        "model": {"d_model": 64, "n_layers": 2, "d_state": 16, "dropout": 0.2, "align_lambda": 0.1},
+        "optim": {"lr": 1e-3, "weight_decay": 1e-4},
+        "train": {"epochs": 40, "patience": 8, "seeds": [1111, 1112, 1113, 1114, 1115]},
+    },
+    "mosei": {
+        "model": {"d_model": 96, "n_layers": 3, "d_state": 16, "dropout": 0.1, "align_lambda": 0.1},
+        "optim": {"lr": 5e-4, "weight_decay": 1e-4},
+        "train": {"epochs": 30, "patience": 8, "seeds": [1111, 1112, 1113, 1114, 1115]},
+    },
+}
+
+
+def resolve_config(dataset: str | None = None, config_file: str | None = None,
+                   overrides: list[str] | None = None, **flags: Any) -> ExperimentConfig:
+    """Layer preset <- config file <- CLI flags <- ``--set`` overrides, strictly typed."""
+    base: dict[str, Any] = {}
+    file_data: dict[str, Any] = load_file(config_file) if config_file else {}
+    name = dataset or file_data.get("data", {}).get("dataset") or "synthetic"
+    if name not in PRESETS:
+        raise ConfigError(f"--dataset: unknown dataset '{name}' (known: {', '.join(PRESETS)})")
+    base = merge_dicts(base, PRESETS[name])
+    base = merge_dicts(base, file_data)
+    base = merge_dicts(base, {"data": {"dataset": name}})
+    flag_map = {"data": "data.path", "out": "train.out", "seeds": "train.seeds", "epochs": "train.epochs",
+                "device": "train.device", "quiet": "train.quiet", "model": "model.model",
+                "missing_protocol": "data.missing_protocol", "missing_rate": "data.missing_rate"}
+    for k, v in flags.items():
+        if v is None:
+            continue
+        sec, key = flag_map[k].split(".")
+        base = merge_dicts(base, {sec: {key: v}})
+    cfg = from_dict(ExperimentConfig, base, "config")
+    cfg = apply_overrides(cfg, overrides)
+    cfg.validate()
+    return cfg
+
+
+# ------------------------------------------------------------------ helpers
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: invalid device '{name}'") from None
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+NO_DECAY_SUFFIXES = ("bias", "A_log", "D")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two optimizer groups chosen by parameter name and tag, never by index: no weight
+    decay on biases, normalisation weights, embeddings/missing tokens, the SSM's A_log and D
+    (and anything tagged ``_no_weight_decay``)."""
+    decay, no_decay = [], []
+    norm_types = (nn.LayerNorm,)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types) or "Norm" in type(m).__name__
+                   for p in m.parameters(recurse=False)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if (leaf in NO_DECAY_SUFFIXES or getattr(p, "_no_weight_decay", False) or id(p) in norm_params
+                or ".missing." in f".{name}" or ".mod_emb." in f".{name}" or p.ndim < 2):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, oc: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, oc.weight_decay)
+    if oc.name == "sgd":
+        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum)
+    cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=oc.lr, betas=tuple(oc.betas))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, oc: OptimConfig, epochs: int, steps_per_epoch: int):
+    """Per-step schedulers (cosine / none with warm-up) or per-epoch ones (step / plateau)."""
+    if oc.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=oc.gamma, patience=2)
+    if oc.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=oc.step_size, gamma=oc.gamma)
+    total = max(1, epochs * steps_per_epoch)
+    warm = min(total - 1, oc.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if oc.scheduler == "none":
+            return 1.0
+        prog = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = {m: t.to(device, non_blocking=True) for m, t in v.items()}
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        else:
+            out[k] = v
+    return out
+
+
+def task_loss(pred: torch.Tensor, label: torch.Tensor, mcfg: AlignMambaConfig, loss: str) -> torch.Tensor:
+    if mcfg.task == "classification":
+        return F.cross_entropy(pred.float(), label.long())
+    pred = pred.float()
+    return F.l1_loss(pred, label.float()) if loss == "l1" else F.mse_loss(pred, label.float())
+
+
+def forward_batch(model: nn.Module, batch: dict[str, Any], return_plans: bool = False):
+    return model(batch["features"], batch["masks"], present=batch.get("present"), return_plans=return_plans)
+
+
+class Progress:
+    """A dependency-free progress line on stderr (only when it is a terminal and not quiet)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.n = total, desc, 0
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.time()
+
+    def update(self, loss: float) -> None:
+        self.n += 1
+        if self.enabled:
+            rate = self.n / max(1e-9, time.time() - self.t0)
+            sys.stderr.write(f"\r{self.desc} {self.n}/{self.total} loss {loss:.4f} ({rate:.1f} it/s)   ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 70 + "\r")
+            sys.stderr.flush()
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: Iterable, mcfg: AlignMambaConfig, device: torch.device,
+                   loss: str = "l1", amp: bool = False) -> dict[str, Any]:
+    """Run ``model`` over ``loader``; returns loss, metrics and per-sample predictions."""
+    model.eval()
+    preds, labels, index = [], [], []
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with _autocast(device, amp):
+            out = forward_batch(model, batch)
+        lt = task_loss(out.pred, batch["label"], mcfg, loss)
+        n = batch["label"].shape[0]
+        total += float(lt) * n
+        count += n
+        preds.append(out.pred.float().cpu())
+        labels.append(batch["label"].cpu())
+        index.append(batch["index"].cpu())
+    pred = torch.cat(preds) if preds else torch.zeros(0)
+    label = torch.cat(labels) if labels else torch.zeros(0)
+    idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    return {"loss": total / max(1, count), "pred": pred, "label": label, "index": idx,
+            "metrics": compute_metrics(pred, label, mcfg)}
+
+
+def compute_metrics(pred: torch.Tensor, label: torch.Tensor, mcfg: AlignMambaConfig) -> dict[str, float]:
+    if len(label) == 0:
+        return {}
+    if mcfg.task == "classification":
+        return classification_metrics(pred.argmax(-1).numpy(), label.long().numpy(), mcfg.num_classes)
+    return msa_metrics(pred.numpy(), label.numpy())
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ------------------------------------------------------------------ data
+
+def load_experiment_data(cfg: ExperimentConfig):
+    """The dataset the config names: a file (MMSA / MulT) or the synthetic default."""
+    from .data import load_dataset, load_mmsa
+    from .data.synthetic import make_synthetic
+
+    dc = cfg.data
+    if dc.path:
+        ds = load_dataset(dc.path)
+    elif dc.dataset == "synthetic":
+        raw = make_synthetic(like=dc.synthetic_like, aligned=dc.synthetic_aligned, seed=dc.synthetic_seed,
+                             n_train=dc.synthetic_n_train, n_valid=dc.synthetic_n_valid,
+                             n_test=dc.synthetic_n_test)
+        ds = load_mmsa(raw, f"synthetic:{dc.synthetic_like}", inplace=True)
+    else:
+        raise ConfigError(f"--data: dataset '{dc.dataset}' needs a feature file (--data FILE); "
+                          "see README 'Data' for where MOSI/MOSEI files come from")
+    return ds
+
+
+def fit_model_config(mcfg: AlignMambaConfig, ds) -> AlignMambaConfig:
+    """Take the modality names and input widths from the data."""
+    mcfg = copy.deepcopy(mcfg)
+    mods = list(ds.modalities)
+    dims = dict(ds.input_dims)
+    if sorted(mods) != sorted(mcfg.modalities):
+        mcfg.modalities = mods
+        mcfg.interleave_order = [m for m in mcfg.interleave_order if m in mods] + \
+                                [m for m in mods if m not in mcfg.interleave_order]
+        if mcfg.anchor not in mods:
+            raise ConfigError(f"model.anchor: '{mcfg.anchor}' is not a modality of the data ({mods})")
+    mcfg.input_dims = {m: int(dims[m]) for m in mcfg.modalities}
+    mcfg.validate()
+    return mcfg
+
+
+def make_loaders(cfg: ExperimentConfig, ds, seed: int, rank: int = 0, world: int = 1):
+    from .data import make_loader
+
+    mc = cfg.model
+    kw = dict(task=mc.task, num_classes=mc.num_classes)
+    per_rank = max(1, cfg.data.batch_size // world)
+    train = make_loader(ds.splits["train"], per_rank, shuffle=True, seed=seed, **kw)
+    valid = make_loader(ds.splits["valid"], cfg.data.eval_batch_size, shuffle=False, seed=seed, **kw)
+    test = make_loader(ds.splits["test"], cfg.data.eval_batch_size, shuffle=False, seed=seed, **kw)
+    return train, valid, test
+
+
+# ------------------------------------------------------------------ the loop
+
+def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=print) -> dict[str, Any]:
+    """Train, select on validation loss, reload the best weights, test. Returns the seed's record."""
+    tc, oc = cfg.train, cfg.optim
+    device = pick_device(tc.device)
+    set_seed(seed)
+    mcfg = fit_model_config(cfg.model, ds)
+    model = build_model(mcfg).to(device)
+    train_loader, valid_loader, test_loader = make_loaders(cfg, ds, seed)
+    opt = make_optimizer(model, oc)
+    sched = make_scheduler(opt, oc, tc.epochs, len(train_loader))
+    per_step = oc.scheduler in ("cosine", "none")
+    amp = tc.amp and device.type == "cuda"
+    missing = _missing_sampler(cfg, seed)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_dir = out_dir / "best"
+    rows: list[dict[str, Any]] = []
+    best_loss, best_epoch, bad_epochs = math.inf, -1, 0
+    stop_reason = "max_epochs"
+    extra = {"experiment": to_dict(cfg), "seed": seed}
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        t0 = time.time()
+        prog = Progress(len(train_loader), f"seed {seed} epoch {epoch}", not tc.quiet)
+        sums = {"loss": 0.0, "task": 0.0, "align": 0.0}
+        n_seen, step = 0, 0
+        for batch in train_loader:
+            step += 1
+            if missing is not None:
+                batch = missing(batch)
+            batch = to_device(batch, device)
+            with _autocast(device, amp):
+                out = forward_batch(model, batch)
+            lt = task_loss(out.pred, batch["label"], mcfg, tc.loss)
+            la = out.align_loss.float()
+            loss = lt + la
+            if not torch.isfinite(loss):
+                msg = f"seed {seed} epoch {epoch} step {step}: non-finite loss ({float(loss)})"
+                if tc.on_nonfinite_loss == "skip":
+                    log(f"warning: {msg}; step skipped")
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                log(f"error: {msg}; stopping, best checkpoint kept")
+                stop_reason = "nonfinite_loss"
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if oc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
+            opt.step()
+            if per_step:
+                sched.step()
+            n = batch["label"].shape[0]
+            n_seen += n
+            sums["loss"] += float(loss.detach()) * n
+            sums["task"] += float(lt) * n
+            sums["align"] += float(la) * n
+            prog.update(float(loss))
+        prog.close()
+        if stop_reason == "nonfinite_loss":
+            break
+        val = evaluate_model(model, valid_loader, mcfg, device, tc.loss, amp)
+        if oc.scheduler == "plateau":
+            sched.step(val["loss"])
+        elif oc.scheduler == "step":
+            sched.step()
+        row = {"epoch": epoch, "train_loss": sums["loss"] / max(1, n_seen),
+               "train_task_loss": sums["task"] / max(1, n_seen), "train_align_loss": sums["align"] / max(1, n_seen),
+               "valid_loss": val["loss"], **{f"valid_{k}": v for k, v in val["metrics"].items()},
+               "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+        rows.append(row)
+        improved = val["loss"] < best_loss
+        if improved:
+            best_loss, best_epoch, bad_epochs = val["loss"], epoch, 0
+            save_checkpoint(model, best_dir, extra)
+        else:
+            bad_epochs += 1
+        key = "valid_Non0_acc_2" if mcfg.task == "regression" else "valid_Acc"
+        log(f"seed {seed} epoch {epoch:3d}  train {row['train_loss']:.4f} (align {row['train_align_loss']:.4f})  "
+            f"valid {val['loss']:.4f}  {key[6:]} {row.get(key, float('nan')):.4f}  "
+            f"{row['seconds']:.1f}s{'  *' if improved else ''}")
+        _write_log(out_dir / "log.csv", rows)
+        if bad_epochs >= tc.patience:
+            stop_reason = "early_stopping"
+            break
+    if best_epoch < 0:
+        raise AlignMambaError(f"seed {seed}: training produced no usable checkpoint (loss was never finite)")
+    from .checkpoint import load_checkpoint
+    best = load_checkpoint(best_dir, device)
+    val = evaluate_model(best, valid_loader, mcfg, device, tc.loss, amp)
+    test = evaluate_model(best, test_loader, mcfg, device, tc.loss, amp)
+    _write_predictions(out_dir / "test_predictions.csv", test)
+    _plot_curves(out_dir / "curves.png", rows, mcfg)
+    return {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(rows), "stop_reason": stop_reason,
+            "valid_loss": val["loss"], "valid": val["metrics"], "test_loss": test["loss"], "test": test["metrics"],
+            "checkpoint": str(best_dir)}
+
+
+def _missing_sampler(cfg: ExperimentConfig, seed: int):
+    """Training-time missing-modality augmentation (``data.missing_protocol``), or None."""
+    if cfg.data.missing_protocol == "none":
+        return None
+    from .missing import TrainingMissingSampler
+    return TrainingMissingSampler(cfg.data.missing_protocol, cfg.data.missing_rate,
+                                  cfg.model.modalities, seed)
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_predictions(path: Path, res: dict[str, Any]) -> None:
+    buf = io.StringIO()
+    buf.write("index,prediction,label\n")
+    pred = res["pred"]
+    for i, p, y in zip(res["index"].tolist(), pred.tolist(), res["label"].tolist()):
+        ps = p if not isinstance(p, list) else int(np.argmax(p))
+        buf.write(f"{i},{ps},{y}\n")
+    atomic_write_text(path, buf.getvalue())
+
+
+def _plot_curves(path: Path, rows: list[dict[str, Any]], mcfg: AlignMambaConfig) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _warn_once("matplotlib is not installed: training curves (PNG) are not drawn "
+                   "(pip install matplotlib)")
+        return
+    ep = [r["epoch"] for r in rows]
+    key = "valid_Non0_acc_2" if mcfg.task == "regression" else "valid_Acc"
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(ep, [r["train_loss"] for r in rows], label="train (task + align)")
+    ax[0].plot(ep, [r["valid_loss"] for r in rows], label="valid (task)")
+    ax[0].set_xlabel("epoch"); ax[0].set_ylabel("loss"); ax[0].legend()
+    ax[1].plot(ep, [r.get(key, float("nan")) for r in rows], color="C2")
+    ax[1].set_xlabel("epoch"); ax[1].set_ylabel(key)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    from .checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, buf.getvalue())
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=2)
+
+
+def summarize(seed_rows: list[dict[str, Any]], key: str = "test") -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and (population, as MMSA reports) standard deviation over seeds of each metric."""
+    names = list(seed_rows[0][key]) if seed_rows else []
+    mean = {k: float(np.mean([r[key][k] for r in seed_rows])) for k in names}
+    std = {k: float(np.std([r[key][k] for r in seed_rows])) for k in names}
+    return mean, std
+
+
+def format_table(mean: dict[str, float], std: dict[str, float], title: str = "test") -> str:
+    lines = [f"{title:<16}{'mean':>10}{'std':>10}"]
+    for k in mean:
+        scale = 100.0 if ("acc" in k.lower() or "f1" in k.lower()) else 1.0
+        lines.append(f"{k:<16}{mean[k] * scale:>10.2f}{std[k] * scale:>10.2f}")
+    return "\n".join(lines)
+
+
+def run_experiment(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
+    """Train every seed of ``cfg.train.seeds``; write config.json, metrics.json; return metrics."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    ds = load_experiment_data(cfg)
+    out = Path(cfg.train.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.model = fit_model_config(cfg.model, ds)
+    atomic_write_json(out / "config.json", to_dict(cfg))
+    rows = []
+    for seed in cfg.train.seeds:
+        rows.append(train_one_seed(cfg, ds, seed, out / f"seed_{seed}", log=log))
+    mean, std = summarize(rows)
+    vmean, vstd = summarize(rows, "valid")
+    metrics = {"model": cfg.model.model, "dataset": cfg.data.dataset, "data": ds.source,
+               "test": mean, "test_std": std, "valid": vmean, "valid_std": vstd, "seeds": rows}
+    atomic_write_json(out / "metrics.json", metrics)
+    log("")
+    log(f"{cfg.model.model} on {ds.source}: {len(rows)} seed(s) {list(cfg.train.seeds)}")
+    log(format_table(mean, std, "test metric"))
+    log(f"results in {out}")
+    return metrics
