@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from alignmamba.errors import AlignMambaError  # noqa: E402
-import alignmamba.ssm.triton_scan as ts  # noqa: E402
+import alignmamba.ssm.triton_scan as ts
+from alignmamba.errors import AlignMambaError
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

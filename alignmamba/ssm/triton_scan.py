@@ -33,8 +33,7 @@ Kernel design (numbers and history in docs/KERNEL_NOTES.md):
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple, Union
+import os
 
 import torch
 import triton
@@ -43,7 +42,7 @@ from torch import Tensor
 
 from alignmamba.errors import AlignMambaError
 
-__all__ = ["selective_scan_triton", "ScanConfig", "pick_config"]
+__all__ = ["ScanConfig", "pick_config", "selective_scan_triton"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -61,16 +60,34 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _softplus(x):
-    # log1p(exp(-|x|)) by its series when tiny: log(1 + e) would round e away below ~1e-7
-    e = tl.exp(-tl.abs(x))
-    lp = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+def _log2(x, FAST: tl.constexpr):
+    if FAST:
+        # the MUFU instruction (rel. err ~2^-22); tl.log2 is a ~20-instruction polynomial
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _softplus(x, FAST: tl.constexpr):
+    # max(x, 0) + log1p(exp(-|x|)); log1p by its series when tiny, where 1 + e rounds e away
+    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
+    lp = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), _log2(1.0 + e, FAST) * 0.6931471805599453)
     return tl.maximum(x, 0.0) + lp
 
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    return tl.fdiv(1.0, 1.0 + tl.exp2(-x * 1.4426950408889634), ieee_rounding=False)
+
+
+@triton.jit
+def _pick_step(x, sel):
+    # x[t] for the one t where sel holds, as a reduction over the in-register time axis; the
+    # filler is -0.0 (bit pattern 0x80000000) so that the compiler folds the adds away
+    neg_zero = tl.full(x.shape, 0x80000000, tl.uint32).to(tl.float32, bitcast=True)
+    return tl.sum(tl.where(sel, x, neg_zero), axis=0)
 
 
 @triton.jit
@@ -81,8 +98,9 @@ def _to5(x):
 
 @triton.jit
 def _sum_n(x):
-    # (BL, NI, DW, NL, DL) -> (BL, DW, DL): registers first, then lanes
-    return tl.sum(tl.sum(x, axis=1), axis=2)
+    # (BL, NI, DW, NL, DL) -> (BL, DW, DL). NL first: with the layout Triton picks (KERNEL_NOTES
+    # v2) NL is in registers and NI on lanes, so the shuffles run on NL-times fewer values
+    return tl.sum(tl.sum(x, axis=3), axis=1)
 
 
 @triton.jit
@@ -92,13 +110,14 @@ def _sum_d(x):
 
 
 @triton.jit
-def _load_dt(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _load_dt(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+             FAST: tl.constexpr):
     """(raw delta + bias, delta after softplus), both zero where masked."""
     raw = tl.load(dt_ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias
     if SOFTPLUS:
-        dt = _softplus(raw)
+        dt = _softplus(raw, FAST)
     else:
         dt = raw
     # masked steps must leave the state unchanged: delta' = 0 -> exp(0) = 1, no input
@@ -123,7 +142,7 @@ def _ssm_fwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr,
     STORE_CKPT: tl.constexpr,
     BL: tl.constexpr, NI: tl.constexpr, NL: tl.constexpr, DW: tl.constexpr, DL: tl.constexpr,
-    CK: tl.constexpr,
+    CK: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -170,16 +189,15 @@ def _ssm_fwd_kernel(
     k_ptrs = ckpt_ptr + b * s_kb + n4 * s_kn + d4
 
     n_chunks = tl.cdiv(L, BL)
-    for c in range(0, n_chunks):
+    for c in range(n_chunks):
         l0 = c * BL
         tm3 = ((l0 + t3) < L) & dm3
         tm5 = ((l0 + t5) < L) & nm5
         u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
-        _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS)
+        _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
         Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
-        if STORE_CKPT:
-            if c % CK == 0:
+        if STORE_CKPT and (c % CK == 0):
                 tl.store(k_ptrs + (c // CK) * s_kc, h, mask=sm4)
 
         dA = tl.exp2(_to5(dt) * A5)
@@ -188,7 +206,7 @@ def _ssm_fwd_kernel(
         dBu = tl.where(t5 == 0, dBu + dA * h[None, :, :, :, :], dBu)
         _, hh = tl.associative_scan((dA, dBu), 0, _affine_combine)
         y = _sum_n(hh * Ct)
-        h = tl.sum(tl.where(t5 == BL - 1, hh, -0.0), axis=0)
+        h = _pick_step(hh, t5 == BL - 1)
 
         if HAS_D:
             y += Dv3 * u
@@ -222,7 +240,7 @@ def _ssm_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr,
     BL: tl.constexpr, NI: tl.constexpr, NL: tl.constexpr, DW: tl.constexpr, DL: tl.constexpr,
-    CK: tl.constexpr,
+    CK: tl.constexpr, FAST: tl.constexpr,
 ):
     """Adjoint of the forward. With s_t = dL/dh_t and g_t = dL/dy_t:
 
@@ -288,28 +306,28 @@ def _ssm_bwd_kernel(
 
     n_chunks = tl.cdiv(L, BL)
     n_seg = tl.cdiv(n_chunks, CK)
-    for seg_r in range(0, n_seg):
+    for seg_r in range(n_seg):
         seg = n_seg - 1 - seg_r
         h = tl.load(k_ptrs + seg * s_kc, mask=sm4, other=0.0)
         if CK > 1:
             # re-run the forward over the segment to get each chunk's start state
-            for k in range(0, CK):
+            for k in range(CK):
                 tl.store(scr_ptrs + k * (NI * NL * DW * DL), h)
                 if k < CK - 1:
                     l0 = (seg * CK + k) * BL
                     tm3 = ((l0 + t3) < L) & dm3
                     tm5 = ((l0 + t5) < L) & nm5
                     u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
-                    _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS)
+                    _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
                     Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
                     dA = tl.exp2(_to5(dt) * A5)
                     dBu = _to5(dt * u) * Bt
                     dBu = tl.where(t5 == 0, dBu + dA * h[None, :, :, :, :], dBu)
                     _, hh = tl.associative_scan((dA, dBu), 0, _affine_combine)
-                    h = tl.sum(tl.where(t5 == BL - 1, hh, -0.0), axis=0)
+                    h = _pick_step(hh, t5 == BL - 1)
             # the same threads read back what they wrote, but keep the order explicit
             tl.debug_barrier()
-        for k_r in range(0, CK):
+        for k_r in range(CK):
             k = CK - 1 - k_r
             if CK > 1:
                 h = tl.load(scr_ptrs + k * (NI * NL * DW * DL))
@@ -317,10 +335,10 @@ def _ssm_bwd_kernel(
             tm3 = ((l0 + t3) < L) & dm3
             tm5 = ((l0 + t5) < L) & nm5
             u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
-            raw, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS)
+            raw, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
             # delta at t+1 (0 past the end) for the adjoint's transition
             tn3 = ((l0 + 1 + t3) < L) & dm3
-            _, dtn = _load_dt(dt_ptrs + (l0 + 1) * s_tl, tn3, bias3, HAS_BIAS, SOFTPLUS)
+            _, dtn = _load_dt(dt_ptrs + (l0 + 1) * s_tl, tn3, bias3, HAS_BIAS, SOFTPLUS, FAST)
             dy = tl.load(g_ptrs + l0 * s_gl, mask=tm3, other=0.0).to(tl.float32)
             Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
             Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
@@ -348,10 +366,10 @@ def _ssm_bwd_kernel(
             bc = Ct * _to5(dy)
             bc = tl.where(t5 == BL - 1, bc + a2 * s[None, :, :, :, :], bc)
             _, ss = tl.associative_scan((a2, bc), 0, _affine_combine, reverse=True)
-            s = tl.sum(tl.where(t5 == 0, ss, -0.0), axis=0)
+            s = _pick_step(ss, t5 == 0)
             if HAS_H0:
                 # dL/dh_{-1} = exp(delta_0 A) s_0; only chunk 0's value survives
-                dh0 = tl.sum(tl.where(t5 == 0, dA * ss, -0.0), axis=0)
+                dh0 = _pick_step(dA * ss, t5 == 0)
 
             sf = ss * (hh - dBu)
             dA_acc += tl.sum(dt5 * sf, axis=0)
@@ -401,7 +419,7 @@ class ScanConfig:
     of chunks between saved states (checkpoint every BL*CK steps).
     """
 
-    __slots__ = ("BL", "NI", "NL", "DW", "DL", "CK", "num_warps")
+    __slots__ = ("BL", "CK", "DL", "DW", "NI", "NL", "num_warps")
 
     def __init__(self, BL: int, NI: int, NL: int, DW: int, DL: int, CK: int, num_warps: int):
         for name, v in (("BL", BL), ("NI", NI), ("NL", NL), ("DW", DW), ("DL", DL)):
@@ -417,11 +435,16 @@ class ScanConfig:
         return self.DW * self.DL
 
     def meta(self) -> dict:
-        return dict(BL=self.BL, NI=self.NI, NL=self.NL, DW=self.DW, DL=self.DL, CK=self.CK)
+        return {"BL": self.BL, "NI": self.NI, "NL": self.NL, "DW": self.DW, "DL": self.DL,
+                "CK": self.CK}
 
     def __repr__(self) -> str:
         return (f"ScanConfig(BL={self.BL}, NI={self.NI}, NL={self.NL}, DW={self.DW}, "
                 f"DL={self.DL}, CK={self.CK}, num_warps={self.num_warps})")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _pow2_ceil(x: int) -> int:
@@ -429,8 +452,8 @@ def _pow2_ceil(x: int) -> int:
 
 
 def pick_config(
-    dstate: int, group_dim: int, backward: bool = False, block_l: Optional[int] = None,
-    chunks_per_ckpt: Optional[int] = None,
+    dstate: int, group_dim: int, backward: bool = False, block_l: int | None = None,
+    chunks_per_ckpt: int | None = None,
 ) -> ScanConfig:
     """Default tile for N = ``dstate`` and ``group_dim`` = D / G channels per group.
 
@@ -458,9 +481,9 @@ def pick_config(
 # ------------------------------------------------------------------------------------------
 
 
-def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-           z: Optional[Tensor], delta_bias: Optional[Tensor],
-           initial_state: Optional[Tensor]) -> Tuple[Tensor, Tensor, int]:
+def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+           z: Tensor | None, delta_bias: Tensor | None,
+           initial_state: Tensor | None) -> tuple[Tensor, Tensor, int]:
     """Validate shapes; return B, C as (B, G, N, L) views and G."""
     def fail(msg: str) -> None:
         raise AlignMambaError(f"selective_scan_triton: {msg}")
@@ -503,14 +526,26 @@ def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     return Bg, Cg, groups
 
 
-def _lastdim_contig(t: Optional[Tensor]) -> Optional[Tensor]:
+def _lastdim_contig(t: Tensor | None) -> Tensor | None:
     # loads along time are vectorised only when time is the contiguous axis
     if t is None:
         return None
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grid(bsz: int, dim: int, groups: int, cfg: ScanConfig) -> Tuple[Tuple[int, int], int]:
+def _prep_bc(t: Tensor) -> Tensor:
+    """B or C as fp32 with contiguous time: (B, G, N, L) is N*D times smaller than the (B, D, L)
+    streams, so converting it once costs ~1% extra traffic and saves every program from
+    unpacking bf16 for its own copy of the tile (KERNEL_NOTES v3)."""
+    return _lastdim_contig(t.to(torch.float32))
+
+
+def _fast_math() -> bool:
+    """PTX fast paths (inline asm) unless Triton's CPU interpreter runs the kernels."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True")
+
+
+def _grid(bsz: int, dim: int, groups: int, cfg: ScanConfig) -> tuple[tuple[int, int], int]:
     dg = dim // groups
     n_blk_g = -(-dg // cfg.block_d)
     return (groups * n_blk_g, bsz), n_blk_g
@@ -521,10 +556,13 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     grid, n_blk_g = _grid(bsz, dim, groups, cfg)
+    # A as (N, D), channel-contiguous: its load then fixes the layout of the work tiles
+    # (see docs/KERNEL_NOTES.md, v2); a (D, N) load made Triton put states on the lanes
+    At = A.t().contiguous()
     out = torch.empty_like(u)
     last = torch.empty(bsz, dim, dstate, device=u.device, dtype=torch.float32) if store_last \
         else None
-    n_ck = -(-(-(-length // cfg.BL)) // cfg.CK) if store_ckpt else 0
+    n_ck = _cdiv(_cdiv(length, cfg.BL), cfg.CK) if store_ckpt else 0
     ckpt = torch.empty(bsz, n_ck, dstate, dim, device=u.device, dtype=torch.float32) \
         if store_ckpt else None
     dummy = u  # never read when the matching flag is off
@@ -532,19 +570,19 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
     zs = z if z is not None else u
     ks = ckpt if ckpt is not None else torch.empty(1, 1, 1, device=u.device)
     _ssm_fwd_kernel[grid](
-        u, delta, A, Bg, Cg,
+        u, delta, At, Bg, Cg,
         D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
         h0 if h0 is not None else dummy,
         out, last if last is not None else dummy, ks,
         length, dstate, dim // groups, n_blk_g,
-        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zs.stride(),
+        *u.stride(), *delta.stride(), At.stride(1), At.stride(0), *Bg.stride(), *Cg.stride(), *zs.stride(),
         *out.stride(),
         *(hs.stride() if hs is not None else (0, 0, 0)),
         ks.stride(0), ks.stride(1), ks.stride(2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, STORE_LAST=store_last,
-        STORE_CKPT=store_ckpt, num_warps=cfg.num_warps, **cfg.meta(),
+        STORE_CKPT=store_ckpt, FAST=_fast_math(), num_warps=cfg.num_warps, **cfg.meta(),
     )
     return out, last, ckpt
 
@@ -554,6 +592,7 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     grid, n_blk_g = _grid(bsz, dim, groups, cfg)
+    At = A.t().contiguous()
     dev = u.device
     f32 = torch.float32
     du = torch.empty_like(u)
@@ -575,7 +614,7 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
     zs = z if z is not None else u
     dummy = dA_part
     _ssm_bwd_kernel[grid](
-        u, delta, A, Bg, Cg,
+        u, delta, At, Bg, Cg,
         D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
         dout, dlast if dlast is not None else dummy, ckpt, scr,
@@ -584,7 +623,7 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
         dbias_part if dbias_part is not None else dummy,
         dh0 if dh0 is not None else dummy,
         length, dstate, dim // groups, n_blk_g, dim,
-        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zs.stride(),
+        *u.stride(), *delta.stride(), At.stride(1), At.stride(0), *Bg.stride(), *Cg.stride(), *zs.stride(),
         *dout.stride(),
         *dA_part.stride(),
         ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
@@ -592,7 +631,7 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
         scr.stride(0) if cfg.CK > 1 else 0,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, HAS_DLAST=dlast is not None,
-        num_warps=cfg.num_warps, **cfg.meta(),
+        FAST=_fast_math(), num_warps=cfg.num_warps, **cfg.meta(),
     )
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if dD_part is not None else None
@@ -606,7 +645,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 return_last_state, need_grad, cfg_f, cfg_b):  # type: ignore[override]
         Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
         u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
-        Bg, Cg = _lastdim_contig(Bg), _lastdim_contig(Cg)
+        Bg, Cg = _prep_bc(Bg), _prep_bc(Cg)
         h0 = initial_state.contiguous() if initial_state is not None else None
         # the backward walks the forward's checkpoints: both passes must use the same BL, CK
         cfg_b = ScanConfig(cfg_f.BL, cfg_b.NI, cfg_b.NL, cfg_b.DW, cfg_b.DL, cfg_f.CK,
@@ -656,16 +695,16 @@ def selective_scan_triton(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
     *,
-    initial_state: Optional[Tensor] = None,
-    block_l: Optional[int] = None,
-    chunks_per_ckpt: Optional[int] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    initial_state: Tensor | None = None,
+    block_l: int | None = None,
+    chunks_per_ckpt: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Fused selective scan (SPEC section 1, mamba-ssm ``selective_scan_ref`` semantics).
 
     u, delta, z: (B, D, L) fp32/bf16/fp16; A: (D, N) fp32; B, C: (B, N, L) or (B, G, N, L);

@@ -1,0 +1,203 @@
+"""Benchmark the Triton selective scan against the card's copy bandwidth and the PyTorch path.
+
+Default problem (issue 6): batch 8, D 1536, N 16, L 16384; u, delta, z, B, C bf16; A, D,
+delta_bias fp32; softplus on. Prints a table and writes JSON (``--json``).
+
+Bytes counted are those that must move: every input read once, every output written once
+(the forward's state checkpoints and the backward's re-reads are overhead, not counted).
+Run from the repository root: ``PYTHONPATH=. python benchmarks/bench_scan.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def median_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
+    """Median of ``reps`` CUDA-event timings after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), reps=20)
+    return 2 * nbytes / ms / 1e6
+
+
+def make_inputs(bsz: int, dim: int, dstate: int, length: int, seed: int = 0) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf = torch.bfloat16
+
+    def r(*shape, dtype=bf, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale + shift).to(dtype)
+
+    return dict(
+        u=r(bsz, dim, length), delta=r(bsz, dim, length, scale=0.5, shift=-2.0),
+        A=-torch.arange(1, dstate + 1, device="cuda", dtype=torch.float32).repeat(dim, 1)
+        * torch.exp(r(dim, 1, dtype=torch.float32, scale=0.1)),
+        B=r(bsz, dstate, length), C=r(bsz, dstate, length), D=r(dim, dtype=torch.float32),
+        z=r(bsz, dim, length), delta_bias=r(dim, dtype=torch.float32, scale=0.5),
+    )
+
+
+def byte_counts(x: dict) -> dict[str, int]:
+    def nb(t):
+        return t.numel() * t.element_size()
+
+    ins = sum(nb(x[k]) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    out = nb(x["u"])
+    # backward reads the inputs and dout, writes one gradient per input
+    return {"fwd": ins + out, "bwd": ins + out + ins}
+
+
+def run_scan(fn, x, need_grad: bool):
+    return fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+              True, False)
+
+
+def time_path(fn, x, dout, reps: int) -> dict[str, float]:
+    leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+
+    def fwd_infer():
+        with torch.no_grad():
+            run_scan(fn, x, False)
+
+    def fwd_train():
+        return run_scan(fn, leaves, True)
+
+    def fwd_bwd():
+        for v in leaves.values():
+            v.grad = None
+        out = run_scan(fn, leaves, True)
+        out.backward(dout)
+
+    res = {"fwd_ms": median_ms(fwd_infer, reps)}
+    res["fwd_train_ms"] = median_ms(fwd_train, reps)
+    res["fwd_bwd_ms"] = median_ms(fwd_bwd, reps)
+    res["bwd_ms"] = res["fwd_bwd_ms"] - res["fwd_train_ms"]
+    return res
+
+
+def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
+    """Time kernel variants directly (forward, and backward from that forward's checkpoints)."""
+    import alignmamba.ssm.triton_scan as ts
+
+    u, delta, A, B, C, D, z, bias = (x[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
+                                                  "delta_bias"))
+    Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
+    Bg, Cg = ts._prep_bc(Bg), ts._prep_bc(Cg)
+    rows = []
+    for cf in configs_f:
+        t0 = time.time()
+        ms = median_ms(lambda cf=cf: ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False,
+                                             False, cf), reps)
+        ms_ck = median_ms(lambda cf=cf: ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True,
+                                                False, True, cf), reps)
+        rows.append({"kind": "fwd", "cfg": repr(cf), "ms": ms, "ms_with_ckpt": ms_ck,
+                     "wall_s": time.time() - t0})
+        print(f"  fwd {cf}: {ms:.3f} ms (with checkpoints {ms_ck:.3f} ms)", flush=True)
+    for cf, cb in configs_b:
+        t0 = time.time()
+        _, _, ckpt = ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False, True, cf)
+        ms = median_ms(lambda cb=cb, ckpt=ckpt: ts._bwd(dout, None, u, delta, A, Bg, Cg, D, z,
+                                                        bias, None, ckpt, True, cb), reps)
+        rows.append({"kind": "bwd", "cfg": repr(cb), "ms": ms, "wall_s": time.time() - t0})
+        print(f"  bwd {cb}: {ms:.3f} ms", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--dstate", type=int, default=16)
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch chunked path")
+    ap.add_argument("--sweep", action="store_true", help="also time tile-shape variants")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_scan: needs a CUDA device")
+
+    from alignmamba.ssm.triton_scan import ScanConfig, selective_scan_triton
+
+    dev = torch.cuda.get_device_name()
+    copy_gbs = copy_bandwidth()
+    x = make_inputs(args.batch, args.dim, args.dstate, args.length)
+    dout = torch.randn_like(x["u"])
+    nbytes = byte_counts(x)
+    result = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "shape": {"B": args.batch, "D": args.dim, "N": args.dstate, "L": args.length},
+              "copy_GBps": copy_gbs, "bytes": nbytes}
+    import triton
+
+    result["triton"] = triton.__version__
+
+    tri = time_path(selective_scan_triton, x, dout, args.reps)
+    result["triton_scan"] = tri
+    if not args.no_torch:
+        from alignmamba.ssm.scan import selective_scan_chunked
+
+        result["torch_chunked"] = time_path(selective_scan_chunked, x, dout, reps=3)
+
+    if args.sweep:
+        BL4 = [ScanConfig(4, 4, 4, dw, 8, 16, nw) for dw, nw in ((16, 4), (8, 4), (32, 8))]
+        BL8 = [ScanConfig(8, 4, 4, 8, 8, 8, 4)]
+        fwd_cfgs = BL4 + BL8
+        bwd_cfgs = [(ScanConfig(4, 4, 4, 16, 8, 16, 4), ScanConfig(4, 4, 4, dw, 8, 16, nw))
+                    for dw, nw in ((8, 4), (4, 4), (16, 4), (8, 8))]
+        bwd_cfgs.append((ScanConfig(4, 4, 4, 16, 8, 1, 4), ScanConfig(4, 4, 4, 8, 8, 1, 4)))
+        result["sweep"] = sweep(x, dout, fwd_cfgs, bwd_cfgs, args.reps)
+
+    def gbs(nb, ms):
+        return nb / ms / 1e6
+
+    rows = [("triton fwd (inference)", tri["fwd_ms"], nbytes["fwd"]),
+            ("triton fwd (saves ckpt)", tri["fwd_train_ms"], nbytes["fwd"]),
+            ("triton bwd", tri["bwd_ms"], nbytes["bwd"]),
+            ("triton fwd+bwd", tri["fwd_bwd_ms"], nbytes["fwd"] + nbytes["bwd"])]
+    print(f"\n{dev} | copy {copy_gbs:.0f} GB/s | B={args.batch} D={args.dim} N={args.dstate} "
+          f"L={args.length} bf16")
+    print(f"{'path':28s} {'ms':>9s} {'GB/s':>8s} {'% copy':>7s} {'vs torch':>9s}")
+    for name, ms, nb in rows:
+        key = {"triton fwd (inference)": "fwd_ms", "triton fwd (saves ckpt)": "fwd_train_ms",
+               "triton bwd": "bwd_ms", "triton fwd+bwd": "fwd_bwd_ms"}[name]
+        sp = ""
+        if "torch_chunked" in result:
+            sp = f"{result['torch_chunked'][key] / ms:8.1f}x"
+        print(f"{name:28s} {ms:9.3f} {gbs(nb, ms):8.0f} {100 * gbs(nb, ms) / copy_gbs:6.1f}% {sp}")
+    if "torch_chunked" in result:
+        t = result["torch_chunked"]
+        print(f"{'torch chunked fwd':28s} {t['fwd_ms']:9.1f}")
+        print(f"{'torch chunked fwd+bwd':28s} {t['fwd_bwd_ms']:9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
