@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny synthetic MMSA pickles (generated, never downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignmamba.data.synthetic import write_synthetic
+
+TINY_SIZES = {"n_train": 24, "n_valid": 8, "n_test": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_mmsa_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MOSI-shaped unaligned MMSA pickle (24/8/8 samples). Treat as read-only."""
+    return write_synthetic(
+        tmp_path_factory.mktemp("data") / "unaligned_50.pkl", like="mosi", seed=0, **TINY_SIZES
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mmsa_aligned_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MOSI-shaped aligned MMSA pickle (24/8/8 samples, all modalities 50 steps). Read-only."""
+    return write_synthetic(
+        tmp_path_factory.mktemp("data") / "aligned_50.pkl",
+        like="mosi",
+        aligned=True,
+        seed=0,
+        **TINY_SIZES,
+    )
