@@ -165,12 +165,10 @@ def main() -> None:
         result["torch_chunked"] = time_path(selective_scan_chunked, x, dout, reps=3)
 
     if args.sweep:
-        BL4 = [ScanConfig(4, 4, 4, dw, 8, 16, nw) for dw, nw in ((16, 4), (8, 4), (32, 8))]
-        BL8 = [ScanConfig(8, 4, 4, 8, 8, 8, 4)]
-        fwd_cfgs = BL4 + BL8
+        fwd_cfgs = [ScanConfig(bl, 4, 4, dw, 8, 64 // bl, nw)
+                    for bl, dw, nw in ((4, 16, 4), (4, 8, 2), (4, 4, 1), (2, 16, 4))]
         bwd_cfgs = [(ScanConfig(4, 4, 4, 16, 8, 16, 4), ScanConfig(4, 4, 4, dw, 8, 16, nw))
-                    for dw, nw in ((8, 4), (4, 4), (16, 4), (8, 8))]
-        bwd_cfgs.append((ScanConfig(4, 4, 4, 16, 8, 1, 4), ScanConfig(4, 4, 4, 8, 8, 1, 4)))
+                    for dw, nw in ((16, 4), (8, 2), (4, 1))]
         result["sweep"] = sweep(x, dout, fwd_cfgs, bwd_cfgs, args.reps)
 
     def gbs(nb, ms):

@@ -466,7 +466,7 @@ def pick_config(
     NL = min(4, np2)
     NI = np2 // NL
     DL = 32 // NL
-    reg_d = 2 if backward else 4
+    reg_d = 4  # backward: 4 measured 37 ms vs 56 ms for 2 (KERNEL_NOTES, run 1)
     num_warps = 4
     want = max(1, _pow2_ceil(-(-group_dim // DL)))
     DW = min(num_warps * reg_d, want)
