@@ -360,6 +360,27 @@ def test_mmsa_validation_errors(tmp_path: Path, case: str) -> None:
     assert expected in msg
 
 
+def _bad_text(ids: np.ndarray) -> np.ndarray:
+    # UCS4 data beyond U+10FFFF: numpy raises SystemError when an item becomes a str
+    return np.frombuffer(b"\xff" * 4 * len(ids), dtype="U1").copy()
+
+
+def test_ids_that_are_not_text(tmp_path: Path) -> None:
+    for mutate, expected in (
+        (_set("train", "id", _bad_text), "'id' holds entries that are not text (SystemError)"),
+        (_set("train", "raw_text", lambda v: 7), "'raw_text' must be a sequence of 10 entries"),
+        (_set("train", "id", lambda v: list(v)[:3]), "'id' has 3 entries but the split has 10"),
+    ):
+        obj = _tiny(False)
+        mutate(obj)
+        path = _dump(tmp_path / "ids.pkl", obj)
+        with pytest.raises(DataError) as info:
+            load_dataset(path)
+        assert str(info.value).startswith(f"{path}: split 'train': ") and expected in str(
+            info.value
+        )
+
+
 @pytest.mark.parametrize(
     "obj, expected",
     [
@@ -619,6 +640,23 @@ def test_refuses_states_that_crash_or_mislead_numpy(tmp_path: Path) -> None:
         )
         for w in ("refused", name)
     ]
+
+
+def test_refuses_shared_reference_memory_bomb(tmp_path: Path) -> None:
+    # 40 levels, each a list holding the previous level twice: a few hundred bytes on disk
+    # (pickle memoises shared objects), 2**40 strings once flattened by a loader
+    bomb: Any = "ab"
+    for _ in range(40):
+        bomb = [bomb, bomb]
+    obj = _tiny(False)
+    obj["train"]["raw_text"] = [bomb] * 10
+    path = _dump(tmp_path / "bomb.pkl", obj)
+    with pytest.raises(DataError, match="shared references expand to more than") as info:
+        safe_load(path)
+    assert str(info.value).startswith(f"{path}: ")
+    # the same values without sharing are fine: the bound is relative to the file size
+    obj["train"]["raw_text"] = [f"sentence {i}" for i in range(10)]
+    assert safe_load(_dump(tmp_path / "fine.pkl", obj))["train"]["raw_text"][3] == "sentence 3"
 
 
 def test_refuses_structured_dtypes(tmp_path: Path) -> None:

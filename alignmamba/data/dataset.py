@@ -366,25 +366,26 @@ def trailing_nonzero_lengths(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if (isinstance(value, np.ndarray) and value.ndim > 0) or isinstance(value, (list, tuple)):
+        return "$_$".join(_text(part) for part in np.ravel(np.asarray(value, dtype=object)))
+    return str(value)
+
+
 def string_list(value: Any, n: int, where: str, name: str) -> list[str]:
     """ids / raw_text: N entries; a row of several parts (MulT ids) is joined with '$_$'."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise DataError(f"{where}: '{name}' must be a sequence of {n} entries")
+    if len(value) != n:
+        raise DataError(f"{where}: '{name}' has {len(value)} entries but the split has {n} samples")
     try:
-        seq = list(value)
-    except TypeError:
-        raise DataError(f"{where}: '{name}' must be a sequence of {n} entries") from None
-    if len(seq) != n:
-        raise DataError(f"{where}: '{name}' has {len(seq)} entries but the split has {n} samples")
-    out = []
-    for v in seq:
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", "replace")
-        elif (isinstance(v, np.ndarray) and v.ndim > 0) or isinstance(v, (list, tuple)):
-            v = "$_$".join(
-                p.decode("utf-8", "replace") if isinstance(p, bytes) else str(p)
-                for p in np.ravel(v)
-            )
-        out.append(str(v))
-    return out
+        return [_text(v) for v in value]
+    except Exception as exc:  # noqa: BLE001 - e.g. a str array holding invalid code points
+        raise DataError(
+            f"{where}: '{name}' holds entries that are not text ({type(exc).__name__})"
+        ) from None
 
 
 def _float32_finite(x: np.ndarray, inplace: bool) -> tuple[np.ndarray, int]:

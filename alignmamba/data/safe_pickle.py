@@ -265,6 +265,73 @@ def _finish(obj: Any, seen: dict[int, Any]) -> Any:
     return out
 
 
+# Pickle stores an object once and refers to it again with a few bytes, so 2 KB of nested
+# lists that each hold the previous one twice read back as 2**40 items once a loader turns
+# them into an array (np.asarray, str.join): a hang or an out-of-memory kill from a file
+# that names no global at all. Each item of the structure, counted once per reference,
+# must therefore be paid for by the file: real feature files expand to fewer items than
+# they have bytes.
+_EXPANSION_PER_BYTE = 64
+_EXPANSION_FLOOR = 1_000_000
+
+
+def _leaf_size(obj: Any) -> int:
+    if isinstance(obj, np.ndarray):
+        return max(1, int(obj.size))
+    if isinstance(obj, (str, bytes, bytearray)):
+        return max(1, len(obj))
+    return 1
+
+
+def _children(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+        return list(obj.flat)
+    return []
+
+
+def check_expansion(obj: Any, file_size: int, source: str) -> None:
+    """Refuse a loaded structure whose expansion (every container and item counted once
+    per reference, an array by its item count, a string by its length) exceeds
+    ``64 * file_size + 10**6`` items. A reference back to an enclosing container (a cycle)
+    counts as one item: the loaders refuse such values anyway. Iterative: any depth,
+    O(distinct objects)."""
+    limit = _EXPANSION_PER_BYTE * int(file_size) + _EXPANSION_FLOOR
+    done: dict[int, int] = {}
+    active: set[int] = set()
+    keep: list[Any] = []  # holds temporaries (e.g. lists of object-array items) alive for id()
+    stack: list[tuple[Any, list[Any] | None]] = [(obj, None)]
+    while stack:
+        node, kids = stack.pop()
+        key = id(node)
+        if kids is None:
+            if key in done:
+                continue
+            kids = _children(node)
+            if not kids:
+                done[key] = _leaf_size(node)
+                continue
+            active.add(key)
+            keep.append(kids)
+            stack.append((node, kids))
+            for child in kids:
+                ck = id(child)
+                if ck not in done and ck not in active:
+                    stack.append((child, None))
+            continue
+        total = _leaf_size(node) + sum(done.get(id(c), 1) for c in kids)
+        active.discard(key)
+        if total > limit:
+            raise DataError(
+                f"{source}: shared references expand to more than {limit} items "
+                f"(a file of {file_size} bytes); refusing a possible memory bomb"
+            )
+        done[key] = total
+
+
 class SafeUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` whose globals come only from a fixed allow-list.
 
@@ -310,7 +377,10 @@ def safe_load(path: str | os.PathLike[str]) -> object:
         with open(p, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise DataError(f"{source}: empty file, expected a pickle")
-            return _finish(SafeUnpickler(f, source).load(), {})
+            size = os.fstat(f.fileno()).st_size
+            obj = _finish(SafeUnpickler(f, source).load(), {})
+            check_expansion(obj, size, source)
+            return obj
     except DataError:
         raise
     except OSError as exc:
