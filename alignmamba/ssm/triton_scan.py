@@ -22,9 +22,9 @@ Kernel design (numbers and history in docs/KERNEL_NOTES.md):
   layout keeps inside each thread (so it compiles to a sequential multiply-add chain); the
   carried state enters through the first element, so no separate carry pass is needed.
 * work tiles are 5-D (BL, NI, DW, NL, DL): state n = ni*NL + nl, channel d = dw*DL + dl.
-  Triton's default layout puts the 32 lanes on (NL, DL) and the warps on DW, leaving time and
-  NI (and DW/num_warps channels) in registers. That balances the reductions over N (output)
-  and over channels (dB, dC in the backward) between registers and lanes.
+  Triton picks the register layout itself; with A passed channel-contiguous it keeps time, NL
+  and 4 channels in registers and puts NI and the other channel factors on lanes/warps
+  (measured choices and their costs: docs/KERNEL_NOTES.md).
 * the forward saves the state every CK chunks (B, n_ckpt, N, D) fp32. The backward walks the
   checkpoint segments from the end, re-runs the forward inside a segment (start states of
   its chunks go to a small per-program scratch buffer), then runs the adjoint scan backwards
@@ -458,7 +458,7 @@ def pick_config(
     """Default tile for N = ``dstate`` and ``group_dim`` = D / G channels per group.
 
     Lanes: NL = min(4, N) over states, DL = 32 / NL over channels; warps over channels, each
-    thread holding ``reg_d`` channels. BL = 4 keeps the per-thread tiles (BL*NI*reg_d values)
+    thread holding ``reg_d`` channels (forward and backward alike: the measured best on H100). BL = 4 keeps the per-thread tiles (BL*NI*reg_d values)
     in registers; CK = 16 checkpoints the state every 64 steps (64 B per step and channel-state
     pair would otherwise be written and read: see docs/KERNEL_NOTES.md).
     """
