@@ -10,7 +10,7 @@ import sys
 from typing import Callable
 
 from . import ablate, bench
-from .errors import AlignMambaError
+from .errors import AlignMambaError, ConfigError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -29,12 +29,30 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set model.d_model=128 (repeatable)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted run in DIR: its config.json decides everything, so no "
+                        "other option may be given except --quiet; finished seeds are kept")
     p.set_defaults(func=cmd_train)
+
+
+# the train options that --resume refuses (DIR/config.json decides them)
+_RESUME_CONFLICTS = {"config": "--config", "dataset": "--dataset", "data": "--data", "model": "--model",
+                     "out": "--out", "seeds": "--seeds", "epochs": "--epochs", "device": "--device",
+                     "missing_protocol": "--missing-protocol", "missing_rate": "--missing-rate",
+                     "overrides": "--set"}
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .train import resolve_config, run_experiment
 
+    if getattr(a, "resume", None):
+        given = [flag for key, flag in _RESUME_CONFLICTS.items() if getattr(a, key, None)]
+        if given:
+            raise ConfigError(f"--resume {a.resume}: takes no other options (the run's config.json decides), "
+                              f"got {given[0]}")
+        from .train import resume_config
+        run_experiment(resume_config(a.resume, quiet=a.quiet), resume=True)
+        return 0
     cfg = resolve_config(a.dataset, a.config, a.overrides, data=a.data, out=a.out, seeds=a.seeds,
                          epochs=a.epochs, device=a.device, quiet=a.quiet, model=a.model,
                          missing_protocol=a.missing_protocol, missing_rate=a.missing_rate)

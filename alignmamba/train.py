@@ -12,7 +12,12 @@ Output directory (``train.out``)::
     seed_<s>/log.csv       one row per epoch
     seed_<s>/curves.png    loss and validation metric per epoch (when matplotlib is there)
     seed_<s>/best/         best checkpoint (config.json + model.safetensors)
+    seed_<s>/last/         state after the latest epoch, for ``--resume`` (see train_state.py)
+    seed_<s>/result.json   the seed's record, written when the seed is finished
     seed_<s>/test_predictions.csv
+
+Every file is written to a temporary name and renamed; checkpoint directories are
+swapped in whole, so a killed run never leaves a half-written file or checkpoint.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_json, atomic_write_text, save_checkpoint
+from .checkpoint import atomic_write_json, atomic_write_text
 from .config import apply_overrides, from_dict, load_file, merge_dicts, to_dict
 from .errors import AlignMambaError, ConfigError
 from .metrics import classification_metrics, msa_metrics
@@ -167,6 +172,22 @@ def resolve_config(dataset: str | None = None, config_file: str | None = None,
     cfg = from_dict(ExperimentConfig, base, "config")
     cfg = apply_overrides(cfg, overrides)
     cfg.validate()
+    return cfg
+
+
+def resume_config(run_dir: str | os.PathLike, quiet: bool | None = None) -> ExperimentConfig:
+    """The config of the run in ``run_dir`` (its config.json), for ``train --resume``."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise ConfigError(f"--resume {d}: no such directory")
+    p = d / "config.json"
+    if not p.is_file():
+        raise ConfigError(f"--resume {d}: no config.json (the run never started; start it again without --resume)")
+    cfg = from_dict(ExperimentConfig, load_file(p), str(p))
+    cfg.validate()
+    cfg.train.out = str(d)  # the directory may have moved since
+    if quiet is not None:
+        cfg.train.quiet = quiet
     return cfg
 
 
@@ -341,7 +362,24 @@ def load_experiment_data(cfg: ExperimentConfig):
     else:
         raise ConfigError(f"--data: dataset '{dc.dataset}' needs a feature file (--data FILE); "
                           "see README 'Data' for where MOSI/MOSEI files come from")
+    check_nonfinite(ds, dc.nonfinite)
     return ds
+
+
+def check_nonfinite(ds, policy: str) -> None:
+    """``data.nonfinite``: "refuse" a file whose features held inf/NaN (the loaders count
+    them in ``ds.sanitized`` per "split/modality"), or "sanitize": one warning with the counts."""
+    from .errors import DataError
+
+    counts = dict(getattr(ds, "sanitized", None) or {})
+    if not counts:
+        return
+    total = sum(counts.values())
+    detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    if policy == "refuse":
+        raise DataError(f"{ds.source}: {total} inf/NaN feature values ({detail}) and data.nonfinite=refuse")
+    _warn_once(f"{ds.source}: {total} inf/NaN feature values set to 0 ({detail}); "
+               "data.nonfinite=refuse refuses such files instead")
 
 
 def fit_model_config(mcfg: AlignMambaConfig, ds) -> AlignMambaConfig:
@@ -374,8 +412,15 @@ def make_loaders(cfg: ExperimentConfig, ds, seed: int, rank: int = 0, world: int
 
 # ------------------------------------------------------------------ the loop
 
-def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=print) -> dict[str, Any]:
-    """Train, select on validation loss, reload the best weights, test. Returns the seed's record."""
+def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=print,
+                   resume: bool = False) -> dict[str, Any]:
+    """Train, select on validation loss, reload the best weights, test. Returns the seed's record.
+
+    ``out_dir/last`` is saved after every epoch; with ``resume`` training continues from it
+    and ends with exactly the metrics of an uninterrupted run (on CPU).
+    """
+    from . import train_state as ts
+
     tc, oc = cfg.train, cfg.optim
     device = pick_device(tc.device)
     set_seed(seed)
@@ -390,11 +435,23 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
 
     out_dir.mkdir(parents=True, exist_ok=True)
     best_dir = out_dir / "best"
-    rows: list[dict[str, Any]] = []
-    best_loss, best_epoch, bad_epochs = math.inf, -1, 0
-    stop_reason = "max_epochs"
     extra = {"experiment": to_dict(cfg), "seed": seed}
-    for epoch in range(1, tc.epochs + 1):
+    loop = None
+    if resume:
+        loop = ts.load_last(out_dir, model, opt, sched, train_loader, missing, extra["experiment"])
+        if loop is not None:
+            log(f"seed {seed}: resuming after epoch {loop['epoch']} ({out_dir / ts.LAST})")
+    else:
+        ts.clear_seed_dir(out_dir)
+    if loop is None:
+        loop = {"epoch": 0, "best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "rows": [],
+                "stop_reason": None}
+    rows: list[dict[str, Any]] = loop["rows"]
+    best_loss, best_epoch, bad_epochs = loop["best_loss"], loop["best_epoch"], loop["bad_epochs"]
+    stop_reason = loop["stop_reason"] or "max_epochs"
+    first_epoch = loop["epoch"] + 1 if loop["stop_reason"] is None else tc.epochs + 1
+    for epoch in range(first_epoch, tc.epochs + 1):
+        ts.reseed_epoch(train_loader, seed, epoch)
         model.train()
         t0 = time.time()
         prog = Progress(len(train_loader), f"seed {seed} epoch {epoch}", not tc.quiet)
@@ -429,8 +486,8 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
             n = batch["label"].shape[0]
             n_seen += n
             sums["loss"] += float(loss.detach()) * n
-            sums["task"] += float(lt) * n
-            sums["align"] += float(la) * n
+            sums["task"] += float(lt.detach()) * n
+            sums["align"] += float(la.detach()) * n
             prog.update(float(loss))
         prog.close()
         if stop_reason == "nonfinite_loss":
@@ -448,7 +505,7 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
         improved = val["loss"] < best_loss
         if improved:
             best_loss, best_epoch, bad_epochs = val["loss"], epoch, 0
-            save_checkpoint(model, best_dir, extra)
+            ts.stage_best(out_dir, model, extra, epoch)  # becomes best/ once last/ names it
         else:
             bad_epochs += 1
         key = "valid_Non0_acc_2" if mcfg.task == "regression" else "valid_Acc"
@@ -456,7 +513,13 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
             f"valid {val['loss']:.4f}  {key[6:]} {row.get(key, float('nan')):.4f}  "
             f"{row['seconds']:.1f}s{'  *' if improved else ''}")
         _write_log(out_dir / "log.csv", rows)
-        if bad_epochs >= tc.patience:
+        stopping = bad_epochs >= tc.patience
+        ts.save_last(out_dir, model, opt, sched, train_loader, missing,
+                     {"epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                      "rows": rows, "stop_reason": "early_stopping" if stopping else None}, extra)
+        if improved:
+            ts.commit_best(out_dir)
+        if stopping:
             stop_reason = "early_stopping"
             break
     if best_epoch < 0:
@@ -467,9 +530,11 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
     test = evaluate_model(best, test_loader, mcfg, device, tc.loss, amp)
     _write_predictions(out_dir / "test_predictions.csv", test)
     _plot_curves(out_dir / "curves.png", rows, mcfg)
-    return {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(rows), "stop_reason": stop_reason,
-            "valid_loss": val["loss"], "valid": val["metrics"], "test_loss": test["loss"], "test": test["metrics"],
-            "checkpoint": str(best_dir)}
+    record = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(rows), "stop_reason": stop_reason,
+              "valid_loss": val["loss"], "valid": val["metrics"], "test_loss": test["loss"], "test": test["metrics"],
+              "checkpoint": str(best_dir)}
+    atomic_write_json(out_dir / ts.RESULT, record)  # marks the seed finished for --resume
+    return record
 
 
 def _missing_sampler(cfg: ExperimentConfig, seed: int):
@@ -552,8 +617,11 @@ def format_table(mean: dict[str, float], std: dict[str, float], title: str = "te
     return "\n".join(lines)
 
 
-def run_experiment(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
-    """Train every seed of ``cfg.train.seeds``; write config.json, metrics.json; return metrics."""
+def run_experiment(cfg: ExperimentConfig, log=print, resume: bool = False) -> dict[str, Any]:
+    """Train every seed of ``cfg.train.seeds``; write config.json, metrics.json; return metrics.
+
+    ``resume``: seeds with a ``result.json`` are reused, the others continue from ``last/``.
+    """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     ds = load_experiment_data(cfg)
@@ -562,9 +630,22 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     cfg.model = fit_model_config(cfg.model, ds)
     atomic_write_json(out / "config.json", to_dict(cfg))
+    if not resume:
+        # a new run in an old directory: no seed of it may later pass for one of this run
+        from .train_state import clear_seed_dir
+        for seed in cfg.train.seeds:
+            clear_seed_dir(out / f"seed_{seed}")
     rows = []
     for seed in cfg.train.seeds:
-        rows.append(train_one_seed(cfg, ds, seed, out / f"seed_{seed}", log=log))
+        seed_dir = out / f"seed_{seed}"
+        if resume:
+            from .train_state import RESULT, read_result
+            done = read_result(seed_dir, seed)
+            if done is not None:
+                log(f"seed {seed}: already finished ({seed_dir / RESULT})")
+                rows.append(done)
+                continue
+        rows.append(train_one_seed(cfg, ds, seed, seed_dir, log=log, resume=resume))
     mean, std = summarize(rows)
     vmean, vstd = summarize(rows, "valid")
     metrics = {"model": cfg.model.model, "dataset": cfg.data.dataset, "data": ds.source,
