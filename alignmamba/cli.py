@@ -27,6 +27,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--missing-rate", dest="missing_rate", type=float,
                    help="training missing rate (negative: drawn in [0.1, 0.7] per batch)")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--text-encoder", dest="text_encoder", choices=["features", "bert"],
+                   help="features: the file's frozen text features (default); bert: fine-tune the BERT of "
+                        "--bert-path on the file's text_bert token ids (needs alignmamba[bert]; docs/BERT.md)")
+    p.add_argument("--bert-path", dest="bert_path", metavar="DIR",
+                   help="local BERT directory (e.g. bert-base-uncased), read with local_files_only")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set model.d_model=128 (repeatable)")
     p.add_argument("--resume", metavar="DIR",
@@ -39,7 +44,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 _RESUME_CONFLICTS = {"config": "--config", "dataset": "--dataset", "data": "--data", "model": "--model",
                      "out": "--out", "seeds": "--seeds", "epochs": "--epochs", "device": "--device",
                      "missing_protocol": "--missing-protocol", "missing_rate": "--missing-rate",
-                     "overrides": "--set"}
+                     "text_encoder": "--text-encoder", "bert_path": "--bert-path", "overrides": "--set"}
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -55,7 +60,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 0
     cfg = resolve_config(a.dataset, a.config, a.overrides, data=a.data, out=a.out, seeds=a.seeds,
                          epochs=a.epochs, device=a.device, quiet=a.quiet, model=a.model,
-                         missing_protocol=a.missing_protocol, missing_rate=a.missing_rate)
+                         missing_protocol=a.missing_protocol, missing_rate=a.missing_rate,
+                         text_encoder=a.text_encoder, bert_path=a.bert_path)
     run_experiment(cfg)
     return 0
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import alignment as al
-from .errors import ConfigError
+from .errors import AlignMambaError, ConfigError
 from .ssm import MambaStack
 
 
@@ -66,6 +66,15 @@ class AlignMambaConfig:
     num_classes: int = 2  # used when task == "classification"
     n_heads: int = 4  # attention heads of the Transformer baselines
     scan_backend: str | None = None  # None/"auto" | "ref" | "torch" | "triton" | "mamba_ssm"
+    # text encoder (text_encoder.py, docs/BERT.md): "features" = the file's frozen 768-d
+    # features (default); "bert" = fine-tune a local BERT on the batch's text_bert token ids
+    text_encoder: str = "features"
+    bert_path: str | None = None  # local BERT directory (read once when a fresh model is built)
+    bert_freeze_layers: int = 0  # freeze the BERT embeddings and its first k layers
+    bert_grad_checkpointing: bool = False  # recompute BERT layers in backward (saves memory)
+    # the BERT architecture as plain JSON, filled in from bert_path when the model is built;
+    # a checkpoint rebuilds BertModel(BertConfig(**bert_config)) from it without bert_path
+    bert_config: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,7 +95,7 @@ class AlignMambaConfig:
             "encoder": ("linear", "mlp", "conv"), "ot_plan": ("relaxed", "sinkhorn"),
             "ot_normalize": ("mass", "mean"), "mmd_bandwidth": ("fixed", "median", "multi"),
             "fusion": ("interleave", "concat"), "pooling": ("mean", "max", "last"),
-            "task": ("regression", "classification"),
+            "task": ("regression", "classification"), "text_encoder": ("features", "bert"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -98,6 +107,27 @@ class AlignMambaConfig:
             raise ConfigError(f"model.num_classes: need >= 2 for classification, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        self._validate_text_encoder()
+
+    def _validate_text_encoder(self) -> None:
+        if self.bert_freeze_layers < 0:
+            raise ConfigError(f"model.bert_freeze_layers: must be >= 0, got {self.bert_freeze_layers}")
+        if self.bert_config is not None and not isinstance(self.bert_config, dict):
+            raise ConfigError("model.bert_config: expected a mapping (the BERT's config.json)")
+        if self.text_encoder != "bert":
+            given = "bert_path" if self.bert_path is not None else "bert_config" if self.bert_config else None
+            if given:
+                raise ConfigError(f"model.{given}: only used with model.text_encoder=bert "
+                                  f"(got text_encoder={self.text_encoder!r}; add --text-encoder bert)")
+            return
+        if self.model != "alignmamba":
+            raise ConfigError(f"model.text_encoder: 'bert' is implemented for model 'alignmamba' only, "
+                              f"not '{self.model}'")
+        if "text" not in self.modalities:
+            raise ConfigError(f"model.text_encoder: 'bert' encodes the 'text' modality, which is not one of "
+                              f"{list(self.modalities)}")
+        if self.bert_path is None and self.bert_config is None:
+            raise ConfigError("model.bert_path: --text-encoder bert needs --bert-path DIR (a local BERT directory)")
 
     @property
     def sources(self) -> list[str]:
@@ -304,7 +334,14 @@ class AlignMamba(PretrainedMixin, nn.Module):
         self.config = cfg = config
         d = cfg.d_model
         self.encoders = nn.ModuleDict({m: UnimodalEncoder(cfg.input_dims[m], d, cfg.encoder, cfg.dropout)
-                                       for m in cfg.modalities})
+                                       for m in cfg.modalities if not self._bert_text(m)})
+        if cfg.text_encoder == "bert":  # step 1 for text from token ids (text_encoder.py)
+            from .text_encoder import BertTextEncoder
+            enc = BertTextEncoder(d, cfg.bert_path, cfg.bert_config, cfg.bert_freeze_layers,
+                                  cfg.bert_grad_checkpointing)
+            if cfg.bert_config is None:  # saved with the checkpoint: reloading needs no bert_path
+                cfg.bert_config = enc.bert_config
+            self.encoders["text"] = enc
         # A learned token that stands in for an absent modality (incomplete setting): the
         # fused sequence keeps its fixed layout and the Mamba sees "missing", not zeros.
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in cfg.modalities})
@@ -340,19 +377,33 @@ class AlignMamba(PretrainedMixin, nn.Module):
             masks[m] = masks[m] & pres[m][:, None]
         return h, masks, pres
 
+    def _bert_text(self, m: str) -> bool:
+        return self.config.text_encoder == "bert" and m == "text"
+
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor] | None = None,
-                present: Tensor | None = None, return_plans: bool = False) -> ModelOutput:
+                present: Tensor | None = None, return_plans: bool = False,
+                text_bert: Tensor | None = None) -> ModelOutput:
+        """text_bert: (B, 3, T_text) token ids / attention mask / segment ids; required (and
+        only used) with ``text_encoder="bert"``, where it replaces ``features["text"]``."""
         cfg = self.config
         anchor = cfg.anchor
-        ref = features[anchor]
+        bert = cfg.text_encoder == "bert"
+        if bert and text_bert is None:
+            raise AlignMambaError("model.text_encoder=bert: the batch has no 'text_bert' token ids (the data "
+                                  "file must carry MMSA's text_bert; MulT pickles do not)")
+        ref = text_bert if bert and anchor == "text" else features[anchor]
         B = ref.shape[0]
-        masks = {m: (masks[m].to(torch.bool) if masks is not None and m in masks else
+        given = masks or {}
+        masks = {m: (given[m].to(torch.bool) if m in given else
                      torch.ones(features[m].shape[:2], dtype=torch.bool, device=ref.device))
-                 for m in cfg.modalities}
+                 for m in cfg.modalities if not self._bert_text(m)}
         if present is None:
             present = torch.ones(B, len(cfg.modalities), dtype=torch.bool, device=ref.device)
-        # step 1: unimodal encoders
-        h = {m: self.encoders[m](features[m].to(self.missing[m].dtype), masks[m]) for m in cfg.modalities}
+        # step 1: unimodal encoders (BERT: the text mask comes from text_bert's attention row)
+        h = {m: self.encoders[m](features[m].to(self.missing[m].dtype), masks[m])
+             for m in cfg.modalities if not self._bert_text(m)}
+        if bert:
+            h["text"], masks["text"] = self.encoders["text"](text_bert.to(ref.device), given.get("text"))
         # Missing modalities (incomplete setting). An absent source sends no mass (its mask is
         # emptied) and is replaced by its learned missing token at every anchor position. An
         # absent anchor keeps its time grid (its mask) but its tokens become the missing token,

@@ -78,6 +78,10 @@ class OptimConfig:
     step_size: int = 10  # "step" scheduler period in epochs
     gamma: float = 0.5  # "step" / "plateau" decay factor
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    # the fine-tuned BERT text encoder (model.text_encoder=bert) has its own group: the usual
+    # BERT fine-tuning rate and decay (biases / LayerNorm in BERT are not decayed either)
+    bert_lr: float = 2e-5
+    bert_weight_decay: float = 0.01
 
 
 @dataclass
@@ -127,6 +131,10 @@ class ExperimentConfig:
             raise ConfigError(f"data.missing_rate: must be <= 1, got {self.data.missing_rate}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr: must be > 0, got {self.optim.lr}")
+        if self.optim.bert_lr <= 0:
+            raise ConfigError(f"optim.bert_lr: must be > 0, got {self.optim.bert_lr}")
+        if self.optim.bert_weight_decay < 0:
+            raise ConfigError(f"optim.bert_weight_decay: must be >= 0, got {self.optim.bert_weight_decay}")
 
 
 # Per-dataset presets (documented defaults; every value can be overridden). The widths of
@@ -163,7 +171,8 @@ def resolve_config(dataset: str | None = None, config_file: str | None = None,
     base = merge_dicts(base, {"data": {"dataset": name}})
     flag_map = {"data": "data.path", "out": "train.out", "seeds": "train.seeds", "epochs": "train.epochs",
                 "device": "train.device", "quiet": "train.quiet", "model": "model.model",
-                "missing_protocol": "data.missing_protocol", "missing_rate": "data.missing_rate"}
+                "missing_protocol": "data.missing_protocol", "missing_rate": "data.missing_rate",
+                "text_encoder": "model.text_encoder", "bert_path": "model.bert_path"}
     for k, v in flags.items():
         if v is None:
             continue
@@ -213,11 +222,18 @@ def set_seed(seed: int) -> None:
 NO_DECAY_SUFFIXES = ("bias", "A_log", "D")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups chosen by parameter name and tag, never by index: no weight
+BERT_PREFIX = ".encoders.text.bert."  # the fine-tuned BERT of text_encoder.py (model.text_encoder=bert)
+
+
+def param_groups(model: nn.Module, weight_decay: float, bert_lr: float | None = None,
+                 bert_weight_decay: float = 0.01) -> list[dict[str, Any]]:
+    """Optimizer groups chosen by parameter name and tag, never by index: no weight
     decay on biases, normalisation weights, embeddings/missing tokens, the SSM's A_log and D
-    (and anything tagged ``_no_weight_decay``)."""
+    (and anything tagged ``_no_weight_decay``). With ``bert_lr``, the parameters of a BERT
+    text encoder (``encoders.text.bert.*``) form two more groups with that learning rate and
+    ``bert_weight_decay`` (not on its biases and LayerNorms). Frozen parameters are left out."""
     decay, no_decay = [], []
+    bert_decay, bert_no_decay = [], []
     norm_types = (nn.LayerNorm,)
     norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types) or "Norm" in type(m).__name__
                    for p in m.parameters(recurse=False)}
@@ -225,16 +241,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if (leaf in NO_DECAY_SUFFIXES or getattr(p, "_no_weight_decay", False) or id(p) in norm_params
-                or ".missing." in f".{name}" or ".mod_emb." in f".{name}" or p.ndim < 2):
-            no_decay.append(p)
+        skip_decay = (leaf in NO_DECAY_SUFFIXES or getattr(p, "_no_weight_decay", False) or id(p) in norm_params
+                      or ".missing." in f".{name}" or ".mod_emb." in f".{name}" or p.ndim < 2)
+        if bert_lr is not None and BERT_PREFIX in f".{name}":
+            (bert_no_decay if skip_decay else bert_decay).append(p)
         else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if skip_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if bert_decay or bert_no_decay:
+        groups += [{"params": bert_decay, "weight_decay": bert_weight_decay, "lr": bert_lr},
+                   {"params": bert_no_decay, "weight_decay": 0.0, "lr": bert_lr}]
+    return groups
 
 
 def make_optimizer(model: nn.Module, oc: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, oc.weight_decay)
+    groups = param_groups(model, oc.weight_decay, oc.bert_lr, oc.bert_weight_decay)
     if oc.name == "sgd":
         return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum)
     cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
@@ -281,7 +302,14 @@ def task_loss(pred: torch.Tensor, label: torch.Tensor, mcfg: AlignMambaConfig, l
 
 
 def forward_batch(model: nn.Module, batch: dict[str, Any], return_plans: bool = False):
-    return model(batch["features"], batch["masks"], present=batch.get("present"), return_plans=return_plans)
+    kw = {"text_bert": batch.get("text_bert")} if _uses_bert(model) else {}
+    return model(batch["features"], batch["masks"], present=batch.get("present"), return_plans=return_plans, **kw)
+
+
+def _uses_bert(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module a DDP wrapper holds) encodes text with BERT from text_bert."""
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    return getattr(cfg, "text_encoder", "features") == "bert"
 
 
 class Progress:
