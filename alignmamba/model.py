@@ -239,93 +239,7 @@ class AlignMamba(PretrainedMixin, nn.Module):
     forward(features, masks, present=None, return_plans=False) -> ModelOutput
       features: {m: (B, T_m, d_m)}, masks: {m: (B, T_m) bool} (None = all valid),
       present: (B, M) bool in ``cfg.modalities`` order, False = modality m missing for
-      that sample (its features are ignored; see ``_missing``).
-    """
-
-    def __init__(self, config: AlignMambaConfig):
-        super().__init__()
-        config.validate()
-        self.config = cfg = config
-        d = cfg.d_model
-        self.encoders = nn.ModuleDict({m: UnimodalEncoder(cfg.input_dims[m], d, cfg.encoder, cfg.dropout)
-                                       for m in cfg.modalities})
-        # A learned token that stands in for an absent modality (incomplete setting): the
-        # fused sequence keeps its fixed layout and the Mamba sees "missing", not zeros.
-        self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in cfg.modalities})
-        if cfg.modality_embedding:
-            self.mod_emb = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in cfg.modalities})
-        self.backbone = MambaStack(d, cfg.n_layers, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dropout,
-                                   scan_backend=cfg.scan_backend)
-        self.head = prediction_head(d, cfg.out_dim, cfg.dropout)
-
-    # -- step 2: local alignment of one source to the anchor
-    def _align(self, src: Tensor, src_mask: Tensor, anc: Tensor, anc_mask: Tensor,
-               want_plan: bool) -> tuple[Tensor, Tensor | None]:
-        cfg = self.config
-        if not cfg.use_ot:
-            return al.resample_to(src, src_mask, anc.shape[1], anc_mask), None
-        if cfg.ot_plan == "sinkhorn":
-            plan = al.sinkhorn_plan(src, anc, src_mask, anc_mask, cfg.sinkhorn_eps, cfg.sinkhorn_iters,
-                                    cfg.ot_time_beta)
-            return plan.transpose(1, 2).to(src.dtype) @ src, plan if want_plan else None
-        aligned = al.relaxed_ot_align(src, anc, src_mask, anc_mask, cfg.ot_time_beta, cfg.ot_normalize)
-        plan = al.relaxed_ot_plan(src, anc, src_mask, anc_mask, cfg.ot_time_beta) if want_plan else None
-        return aligned, plan
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x * mask[..., None].to(x.dtype)  # padding must not reach real tokens through the conv
-        h = self.net(x.transpose(1, 2)).transpose(1, 2) if self.kind == "conv" else self.net(x)
-        return self.norm(h) * mask[..., None].to(h.dtype)
-
-
-def masked_pool(x: Tensor, mask: Tensor, how: str) -> Tensor:
-    """Pool (B, T, d) over valid positions -> (B, d). Samples with no valid token give 0."""
-    m = mask[..., None].to(x.dtype)
-    if how == "mean":
-        return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-    if how == "max":
-        out = x.masked_fill(~mask[..., None], float("-inf")).amax(1)
-        return torch.where(mask.any(1, keepdim=True), out, torch.zeros_like(out))
-    last = (mask.sum(1) - 1).clamp(min=0)  # "last": the final valid token (causal summary)
-    return x[torch.arange(x.shape[0], device=x.device), last] * mask.any(1, keepdim=True).to(x.dtype)
-
-
-def pack_valid(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Move each sample's valid tokens to the front, keeping their order. (B, T, d), (B, T)."""
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-    x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-    return x, mask.gather(1, order)
-
-
-def prediction_head(d: int, out_dim: int, dropout: float) -> nn.Module:
-    return nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, out_dim))
-
-
-class PretrainedMixin:
-    """``save_pretrained(dir)`` / ``from_pretrained(dir)``: config.json + model.safetensors."""
-
-    config: AlignMambaConfig
-
-    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
-        from .checkpoint import save_checkpoint
-        save_checkpoint(self, directory, extra)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-        from .checkpoint import load_checkpoint
-        return load_checkpoint(directory, map_location)
-
-
-# ------------------------------------------------------------------ the model
-
-@register_model("alignmamba")
-class AlignMamba(PretrainedMixin, nn.Module):
-    """AlignMamba: OT-aligned, MMD-regularised, interleaved Mamba fusion.
-
-    forward(features, masks, present=None, return_plans=False) -> ModelOutput
-      features: {m: (B, T_m, d_m)}, masks: {m: (B, T_m) bool} (None = all valid),
-      present: (B, M) bool in ``cfg.modalities`` order, False = modality m missing for
-      that sample (its features are ignored; see ``_missing``).
+      that sample (its features are ignored; see the comment in ``forward``).
     """
 
     def __init__(self, config: AlignMambaConfig):
@@ -364,18 +278,6 @@ class AlignMamba(PretrainedMixin, nn.Module):
         aligned = al.relaxed_ot_align(src, anc, src_mask, anc_mask, cfg.ot_time_beta, cfg.ot_normalize)
         plan = al.relaxed_ot_plan(src, anc, src_mask, anc_mask, cfg.ot_time_beta) if want_plan else None
         return aligned, plan
-
-    def _missing(self, h: dict[str, Tensor], masks: dict[str, Tensor],
-                 present: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-        """Absent sources send no mass (their masks are emptied). An absent anchor keeps its
-        time grid (its mask) but its tokens become the learned missing token, and sources are
-        then resampled onto that grid instead of OT-aligned (cosine cost to a constant token is
-        meaningless). Returns the updated encodings, masks and per-modality presence (B,)."""
-        pres = {m: present[:, i].to(torch.bool) for i, m in enumerate(self.config.modalities)}
-        h, masks = dict(h), dict(masks)
-        for m in self.config.sources:
-            masks[m] = masks[m] & pres[m][:, None]
-        return h, masks, pres
 
     def _bert_text(self, m: str) -> bool:
         return self.config.text_encoder == "bert" and m == "text"
