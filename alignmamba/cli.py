@@ -37,6 +37,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR",
                    help="continue the interrupted run in DIR: its config.json decides everything, so no "
                         "other option may be given except --quiet; finished seeds are kept")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel training in N processes (one per GPU, or CPU processes with --device "
+                        "cpu): runs this command under torch.distributed.run; data.batch_size stays the "
+                        "global batch (docs/DISTRIBUTED.md)")
+    p.add_argument("--seeds-parallel", dest="seed_parallel", action="store_true", default=None,
+                   help="train the seeds at the same time, one process per seed, one seed per GPU "
+                        "(train.seed_parallel=true)")
     p.set_defaults(func=cmd_train)
 
 
@@ -44,10 +51,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 _RESUME_CONFLICTS = {"config": "--config", "dataset": "--dataset", "data": "--data", "model": "--model",
                      "out": "--out", "seeds": "--seeds", "epochs": "--epochs", "device": "--device",
                      "missing_protocol": "--missing-protocol", "missing_rate": "--missing-rate",
-                     "text_encoder": "--text-encoder", "bert_path": "--bert-path", "overrides": "--set"}
+                     "text_encoder": "--text-encoder", "bert_path": "--bert-path", "overrides": "--set",
+                     "seed_parallel": "--seeds-parallel"}
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from . import distributed
     from .train import resolve_config, run_experiment
 
     if getattr(a, "resume", None):
@@ -56,13 +65,24 @@ def cmd_train(a: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {a.resume}: takes no other options (the run's config.json decides), "
                               f"got {given[0]}")
         from .train import resume_config
-        run_experiment(resume_config(a.resume, quiet=a.quiet), resume=True)
+        cfg = resume_config(a.resume, quiet=a.quiet)
+        if a.nproc is not None:  # --resume DIR --nproc N: the same under torch.distributed.run
+            return distributed.launch_torchrun(cfg, a.argv, a.nproc)
+        try:
+            run_experiment(cfg, resume=True)
+        finally:
+            distributed.teardown()
         return 0
     cfg = resolve_config(a.dataset, a.config, a.overrides, data=a.data, out=a.out, seeds=a.seeds,
                          epochs=a.epochs, device=a.device, quiet=a.quiet, model=a.model,
                          missing_protocol=a.missing_protocol, missing_rate=a.missing_rate,
-                         text_encoder=a.text_encoder, bert_path=a.bert_path)
-    run_experiment(cfg)
+                         text_encoder=a.text_encoder, bert_path=a.bert_path, seed_parallel=a.seed_parallel)
+    if a.nproc is not None:
+        return distributed.launch_torchrun(cfg, a.argv, a.nproc)
+    try:
+        run_experiment(cfg)
+    finally:
+        distributed.teardown()  # a torchrun worker leaves its process group
     return 0
 
 
@@ -156,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    args.argv = [str(v) for v in (sys.argv[1:] if argv is None else argv)]  # for train --nproc
     try:
         return int(args.func(args) or 0)
     except AlignMambaError as e:

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed as D
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import apply_overrides, from_dict, load_file, merge_dicts, to_dict
 from .errors import AlignMambaError, ConfigError
@@ -96,6 +97,7 @@ class TrainConfig:
     quiet: bool = False  # no progress bar, one line per epoch only
     on_nonfinite_loss: str = "stop"  # "stop" (keep the best checkpoint) | "skip" (skip the step)
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    seed_parallel: bool = False  # one process per seed, one seed per GPU (docs/DISTRIBUTED.md)
 
 
 @dataclass
@@ -171,6 +173,7 @@ def resolve_config(dataset: str | None = None, config_file: str | None = None,
     base = merge_dicts(base, {"data": {"dataset": name}})
     flag_map = {"data": "data.path", "out": "train.out", "seeds": "train.seeds", "epochs": "train.epochs",
                 "device": "train.device", "quiet": "train.quiet", "model": "model.model",
+                "seed_parallel": "train.seed_parallel",
                 "missing_protocol": "data.missing_protocol", "missing_rate": "data.missing_rate",
                 "text_encoder": "model.text_encoder", "bert_path": "model.bert_path"}
     for k, v in flags.items():
@@ -354,8 +357,16 @@ def evaluate_model(model: nn.Module, loader: Iterable, mcfg: AlignMambaConfig, d
     pred = torch.cat(preds) if preds else torch.zeros(0)
     label = torch.cat(labels) if labels else torch.zeros(0)
     idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-    return {"loss": total / max(1, count), "pred": pred, "label": label, "index": idx,
-            "metrics": compute_metrics(pred, label, mcfg)}
+    mean_loss = total / max(1, count)
+    if D.get_env().world > 1:
+        # every process evaluated its shard (distributed.shard_sampler): put the whole split
+        # together, each sample once, and make rank 0's loss and metrics everybody's
+        pred, label, idx = D.gather_by_index(pred, label, idx)
+        mean_loss = float(task_loss(pred, label, mcfg, loss)) if len(label) else 0.0
+        mean_loss, metrics = D.broadcast((mean_loss, compute_metrics(pred, label, mcfg)))
+    else:
+        metrics = compute_metrics(pred, label, mcfg)
+    return {"loss": mean_loss, "pred": pred, "label": label, "index": idx, "metrics": metrics}
 
 
 def compute_metrics(pred: torch.Tensor, label: torch.Tensor, mcfg: AlignMambaConfig) -> dict[str, float]:
@@ -431,10 +442,16 @@ def make_loaders(cfg: ExperimentConfig, ds, seed: int, rank: int = 0, world: int
 
     mc = cfg.model
     kw = dict(task=mc.task, num_classes=mc.num_classes)
-    per_rank = max(1, cfg.data.batch_size // world)
-    train = make_loader(ds.splits["train"], per_rank, shuffle=True, seed=seed, **kw)
-    valid = make_loader(ds.splits["valid"], cfg.data.eval_batch_size, shuffle=False, seed=seed, **kw)
-    test = make_loader(ds.splits["test"], cfg.data.eval_batch_size, shuffle=False, seed=seed, **kw)
+    # data.batch_size is the global batch. The training order comes from a DistributedSampler
+    # in one process too, so W processes train on exactly the single-process batches.
+    per_rank = D.per_rank_batch(cfg.data.batch_size, world)
+    sp = ds.splits
+    train = make_loader(sp["train"], per_rank, shuffle=False, seed=seed,
+                        sampler=D.train_sampler(len(sp["train"]), seed, rank, world), **kw)
+    valid = make_loader(sp["valid"], cfg.data.eval_batch_size, shuffle=False, seed=seed,
+                        sampler=D.shard_sampler(len(sp["valid"]), rank, world), **kw)
+    test = make_loader(sp["test"], cfg.data.eval_batch_size, shuffle=False, seed=seed,
+                       sampler=D.shard_sampler(len(sp["test"]), rank, world), **kw)
     return train, valid, test
 
 
@@ -450,11 +467,12 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
     from . import train_state as ts
 
     tc, oc = cfg.train, cfg.optim
-    device = pick_device(tc.device)
+    env = D.get_env()  # rank / world / device under torchrun (distributed.setup), else 0 / 1
+    device = env.device if env.active else pick_device(tc.device)
     set_seed(seed)
     mcfg = fit_model_config(cfg.model, ds)
     model = build_model(mcfg).to(device)
-    train_loader, valid_loader, test_loader = make_loaders(cfg, ds, seed)
+    train_loader, valid_loader, test_loader = make_loaders(cfg, ds, seed, env.rank, env.world)
     opt = make_optimizer(model, oc)
     sched = make_scheduler(opt, oc, tc.epochs, len(train_loader))
     per_step = oc.scheduler in ("cosine", "none")
@@ -466,10 +484,11 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
     extra = {"experiment": to_dict(cfg), "seed": seed}
     loop = None
     if resume:
-        loop = ts.load_last(out_dir, model, opt, sched, train_loader, missing, extra["experiment"])
+        with D.main_first():  # rank 0 repairs an interrupted last/ before the others read it
+            loop = ts.load_last(out_dir, model, opt, sched, train_loader, missing, extra["experiment"])
         if loop is not None:
             log(f"seed {seed}: resuming after epoch {loop['epoch']} ({out_dir / ts.LAST})")
-    else:
+    elif env.is_main:
         ts.clear_seed_dir(out_dir)
     if loop is None:
         loop = {"epoch": 0, "best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "rows": [],
@@ -478,11 +497,20 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
     best_loss, best_epoch, bad_epochs = loop["best_loss"], loop["best_epoch"], loop["bad_epochs"]
     stop_reason = loop["stop_reason"] or "max_epochs"
     first_epoch = loop["epoch"] + 1 if loop["stop_reason"] is None else tc.epochs + 1
+    if env.rank > 0:  # own dropout / missing-modality streams per rank (last/ holds rank 0's)
+        stream = D.rank_seed(D.SEED_STRIDE * seed + first_epoch, env.rank)
+        torch.manual_seed(stream)
+        missing = _missing_sampler(cfg, stream)
+    # DistributedDataParallel under torchrun, ``model`` itself otherwise; checkpoints and
+    # evaluation always use the unwrapped ``model``
+    net = D.wrap_model(model, lambda m: forward_batch(m, to_device(D.first_batch(train_loader), device)),
+                       varying_graph=missing is not None)
     for epoch in range(first_epoch, tc.epochs + 1):
         ts.reseed_epoch(train_loader, seed, epoch)
+        D.set_epoch(train_loader, epoch)  # the training permutation depends on (seed, epoch) only
         model.train()
         t0 = time.time()
-        prog = Progress(len(train_loader), f"seed {seed} epoch {epoch}", not tc.quiet)
+        prog = Progress(len(train_loader), f"seed {seed} epoch {epoch}", not tc.quiet and env.is_main)
         sums = {"loss": 0.0, "task": 0.0, "align": 0.0}
         n_seen, step = 0, 0
         for batch in train_loader:
@@ -491,11 +519,11 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
                 batch = missing(batch)
             batch = to_device(batch, device)
             with _autocast(device, amp):
-                out = forward_batch(model, batch)
+                out = forward_batch(net, batch)
             lt = task_loss(out.pred, batch["label"], mcfg, tc.loss)
             la = out.align_loss.float()
             loss = lt + la
-            if not torch.isfinite(loss):
+            if not D.all_ok(bool(torch.isfinite(loss))):  # all ranks skip / stop together
                 msg = f"seed {seed} epoch {epoch} step {step}: non-finite loss ({float(loss)})"
                 if tc.on_nonfinite_loss == "skip":
                     log(f"warning: {msg}; step skipped")
@@ -520,6 +548,9 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
         prog.close()
         if stop_reason == "nonfinite_loss":
             break
+        # epoch means over the samples of every rank (with the training sampler's padding)
+        sums["loss"], sums["task"], sums["align"], n_seen = D.sum_across(
+            [sums["loss"], sums["task"], sums["align"], n_seen])
         val = evaluate_model(model, valid_loader, mcfg, device, tc.loss, amp)
         if oc.scheduler == "plateau":
             sched.step(val["loss"])
@@ -533,35 +564,40 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
         improved = val["loss"] < best_loss
         if improved:
             best_loss, best_epoch, bad_epochs = val["loss"], epoch, 0
-            ts.stage_best(out_dir, model, extra, epoch)  # becomes best/ once last/ names it
+            if env.is_main:
+                ts.stage_best(out_dir, model, extra, epoch)  # becomes best/ once last/ names it
         else:
             bad_epochs += 1
         key = "valid_Non0_acc_2" if mcfg.task == "regression" else "valid_Acc"
         log(f"seed {seed} epoch {epoch:3d}  train {row['train_loss']:.4f} (align {row['train_align_loss']:.4f})  "
             f"valid {val['loss']:.4f}  {key[6:]} {row.get(key, float('nan')):.4f}  "
             f"{row['seconds']:.1f}s{'  *' if improved else ''}")
-        _write_log(out_dir / "log.csv", rows)
-        stopping = bad_epochs >= tc.patience
-        ts.save_last(out_dir, model, opt, sched, train_loader, missing,
-                     {"epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                      "rows": rows, "stop_reason": "early_stopping" if stopping else None}, extra)
-        if improved:
-            ts.commit_best(out_dir)
+        stopping = D.broadcast(bad_epochs >= tc.patience)  # every rank stops together
+        if env.is_main:  # only rank 0 writes
+            _write_log(out_dir / "log.csv", rows)
+            ts.save_last(out_dir, model, opt, sched, train_loader, missing,
+                         {"epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                          "rows": rows, "stop_reason": "early_stopping" if stopping else None}, extra)
+            if improved:
+                ts.commit_best(out_dir)
         if stopping:
             stop_reason = "early_stopping"
             break
     if best_epoch < 0:
         raise AlignMambaError(f"seed {seed}: training produced no usable checkpoint (loss was never finite)")
     from .checkpoint import load_checkpoint
+    D.barrier()  # rank 0 has committed best/
     best = load_checkpoint(best_dir, device)
     val = evaluate_model(best, valid_loader, mcfg, device, tc.loss, amp)
     test = evaluate_model(best, test_loader, mcfg, device, tc.loss, amp)
-    _write_predictions(out_dir / "test_predictions.csv", test)
-    _plot_curves(out_dir / "curves.png", rows, mcfg)
+    if env.is_main:
+        _write_predictions(out_dir / "test_predictions.csv", test)
+        _plot_curves(out_dir / "curves.png", rows, mcfg)
     record = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(rows), "stop_reason": stop_reason,
               "valid_loss": val["loss"], "valid": val["metrics"], "test_loss": test["loss"], "test": test["metrics"],
               "checkpoint": str(best_dir)}
-    atomic_write_json(out_dir / ts.RESULT, record)  # marks the seed finished for --resume
+    if env.is_main:
+        atomic_write_json(out_dir / ts.RESULT, record)  # marks the seed finished for --resume
     return record
 
 
@@ -649,7 +685,11 @@ def run_experiment(cfg: ExperimentConfig, log=print, resume: bool = False) -> di
     """Train every seed of ``cfg.train.seeds``; write config.json, metrics.json; return metrics.
 
     ``resume``: seeds with a ``result.json`` are reused, the others continue from ``last/``.
+    Under torchrun every process calls this; only rank 0 prints and writes (docs/DISTRIBUTED.md).
     """
+    env = D.setup(cfg.train.device, cfg.data.batch_size)  # joins torchrun's process group, if any
+    if not env.is_main:
+        log = D.silent
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     ds = load_experiment_data(cfg)
@@ -657,14 +697,18 @@ def run_experiment(cfg: ExperimentConfig, log=print, resume: bool = False) -> di
     out.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
     cfg.model = fit_model_config(cfg.model, ds)
-    atomic_write_json(out / "config.json", to_dict(cfg))
-    if not resume:
+    if env.is_main:
+        atomic_write_json(out / "config.json", to_dict(cfg))
+    if not resume and env.is_main:
         # a new run in an old directory: no seed of it may later pass for one of this run
         from .train_state import clear_seed_dir
         for seed in cfg.train.seeds:
             clear_seed_dir(out / f"seed_{seed}")
     rows = []
-    for seed in cfg.train.seeds:
+    parallel = D.seed_parallel_active(cfg)
+    if parallel:  # one worker process per seed (per GPU); the same aggregation below
+        rows = D.run_seeds_parallel(cfg, out, log=log, resume=resume)
+    for seed in ([] if parallel else cfg.train.seeds):
         seed_dir = out / f"seed_{seed}"
         if resume:
             from .train_state import RESULT, read_result
@@ -678,7 +722,8 @@ def run_experiment(cfg: ExperimentConfig, log=print, resume: bool = False) -> di
     vmean, vstd = summarize(rows, "valid")
     metrics = {"model": cfg.model.model, "dataset": cfg.data.dataset, "data": ds.source,
                "test": mean, "test_std": std, "valid": vmean, "valid_std": vstd, "seeds": rows}
-    atomic_write_json(out / "metrics.json", metrics)
+    if env.is_main:
+        atomic_write_json(out / "metrics.json", metrics)
     log("")
     log(f"{cfg.model.model} on {ds.source}: {len(rows)} seed(s) {list(cfg.train.seeds)}")
     log(format_table(mean, std, "test metric"))
