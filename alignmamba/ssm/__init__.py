@@ -3,11 +3,11 @@ from .mamba import Mamba, MambaLayer, MambaStack, RMSNorm
 from .scan import selective_scan, selective_scan_chunked, selective_scan_ref
 
 __all__ = [
-    "selective_scan",
-    "selective_scan_ref",
-    "selective_scan_chunked",
     "Mamba",
     "MambaLayer",
     "MambaStack",
     "RMSNorm",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_ref",
 ]

@@ -10,7 +10,6 @@ one pass over the whole sequence (the conv keeps its last d_conv-1 inputs, the s
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from alignmamba.errors import AlignMambaError
 
 from .scan import selective_scan
 
-MambaState = Tuple[Tensor, Tensor]  # conv_state (B, E, d_conv-1), ssm_state (B, E, N)
+MambaState = tuple[Tensor, Tensor]  # conv_state (B, E, d_conv-1), ssm_state (B, E, N)
 
 
 class RMSNorm(nn.Module):
@@ -41,7 +40,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def _check_mask(mask: Optional[Tensor], x: Tensor, where: str) -> Optional[Tensor]:
+def _check_mask(mask: Tensor | None, x: Tensor, where: str) -> Tensor | None:
     if mask is None:
         return None
     if mask.shape != x.shape[:2]:
@@ -66,13 +65,13 @@ class Mamba(nn.Module):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
-        dt_rank: Union[int, str] = "auto",
+        dt_rank: int | str = "auto",
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         bias: bool = False,
         conv_bias: bool = True,
-        scan_backend: Optional[str] = None,
+        scan_backend: str | None = None,
     ) -> None:
         super().__init__()
         for name, val in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
@@ -131,10 +130,10 @@ class Mamba(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Optional[Tensor] = None,
-        state: Optional[MambaState] = None,
+        mask: Tensor | None = None,
+        state: MambaState | None = None,
         return_state: bool = False,
-    ) -> Union[Tensor, Tuple[Tensor, MambaState]]:
+    ) -> Tensor | tuple[Tensor, MambaState]:
         """x: (B, L, d), mask: (B, L) bool or None -> (B, L, d), zero at padded positions.
 
         state: (conv_state (B, E, d_conv-1), ssm_state (B, E, N)) left by the previous piece of
@@ -145,7 +144,7 @@ class Mamba(nn.Module):
                 f"Mamba: x must be (B, L, d_model={self.d_model}), got {tuple(x.shape)}"
             )
         mask = _check_mask(mask, x, "Mamba")
-        bsz, seqlen, _ = x.shape
+        bsz = x.shape[0]
         E, N = self.d_inner, self.d_state
         if state is None:
             conv_state, ssm_state = self.init_state(bsz, x.device, x.dtype)
@@ -206,10 +205,10 @@ class MambaLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Optional[Tensor] = None,
-        state: Optional[MambaState] = None,
+        mask: Tensor | None = None,
+        state: MambaState | None = None,
         return_state: bool = False,
-    ) -> Union[Tensor, Tuple[Tensor, MambaState]]:
+    ) -> Tensor | tuple[Tensor, MambaState]:
         """x: (B, L, d) -> (B, L, d); state as in :meth:`Mamba.forward`."""
         res = self.mixer(self.norm(x), mask, state=state, return_state=return_state)
         h, new_state = res if return_state else (res, None)
@@ -228,7 +227,7 @@ class MambaStack(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         dropout: float = 0.0,
-        scan_backend: Optional[str] = None,
+        scan_backend: str | None = None,
     ) -> None:
         super().__init__()
         if int(n_layers) < 1:
@@ -243,17 +242,17 @@ class MambaStack(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Optional[Tensor] = None,
-        state: Optional[List[MambaState]] = None,
+        mask: Tensor | None = None,
+        state: list[MambaState] | None = None,
         return_state: bool = False,
-    ) -> Union[Tensor, Tuple[Tensor, List[MambaState]]]:
+    ) -> Tensor | tuple[Tensor, list[MambaState]]:
         """x: (B, L, d), mask: (B, L) bool -> (B, L, d); state: one entry per layer or None."""
         mask = _check_mask(mask, x, "MambaStack")
         if state is not None and len(state) != len(self.layers):
             raise AlignMambaError(
                 f"MambaStack: state has {len(state)} entries, expected {len(self.layers)} layers"
             )
-        new_states: List[MambaState] = []
+        new_states: list[MambaState] = []
         for i, layer in enumerate(self.layers):
             res = layer(x, mask, state=None if state is None else state[i],
                         return_state=return_state)
