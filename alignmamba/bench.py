@@ -284,6 +284,13 @@ def device_name(device: str) -> str:
     return f"{name} ({os.cpu_count()} logical cores)"
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def run_bench(settings: BenchSettings, models: list[str], lengths: list[int], isolate: bool | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every (length, model) point; returns the report dict written as JSON.
@@ -295,6 +302,7 @@ def run_bench(settings: BenchSettings, models: list[str], lengths: list[int], is
 
     if isolate is None:
         isolate = settings.device == "cpu"
+    load_before = _load_average()
     results: list[dict[str, Any]] = []
     oom_at: dict[str, int] = {}
     for length in lengths:
@@ -336,6 +344,8 @@ def run_bench(settings: BenchSettings, models: list[str], lengths: list[int], is
         "threads": settings.threads or torch.get_num_threads(),
         "token_split": "text:audio:vision = 50:375:500 (MOSI unaligned)",
         "memory_method": method,
+        # 1-minute load average before and after: other work on the machine skews CPU timings
+        "load_average": [load_before, _load_average()],
         "date": _dt.date.today().isoformat(),
         "command": None,  # filled in by the CLI
         "models": list(models),
@@ -386,7 +396,8 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.set_xlabel("total tokens (text:audio:vision = 50:375:500)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{report['device_name']}, {report['dtype']}, batch {report['batch']}, "
+    threads = f", {report['threads']} thread(s)" if report["device"] == "cpu" and report.get("threads") else ""
+    fig.suptitle(f"{report['device_name']}{threads}, {report['dtype']}, batch {report['batch']}, "
                  f"d {report['d_model']}, {report['layers']} layers, {report['mode']}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -459,7 +470,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                       batch=a.batch, d_model=a.d_model, layers=a.layers, repeats=a.repeats, warmup=a.warmup,
                       scan_backend=a.scan_backend, threads=a.threads)
     print(f"bench on {device_name(device)}: {s.mode}, {s.dtype}, batch {s.batch}, d {s.d_model}, "
-          f"{s.layers} layers, lengths {lengths}", flush=True)
+          f"{s.layers} layers, lengths {lengths}, load average {_load_average()}", flush=True)
     report = run_bench(s, models, lengths, isolate=False if a.in_process else None,
                        log=lambda line: print(line, flush=True))
     report["command"] = "alignmamba " + " ".join(sys.argv[1:])
