@@ -544,7 +544,7 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
             sums["loss"] += float(loss.detach()) * n
             sums["task"] += float(lt.detach()) * n
             sums["align"] += float(la.detach()) * n
-            prog.update(float(loss))
+            prog.update(float(loss.detach()))
         prog.close()
         if stop_reason == "nonfinite_loss":
             break
