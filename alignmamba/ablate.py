@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_SEEDS = [1111, 1112, 1113]
 REFERENCE = "alignmamba"
@@ -152,8 +153,9 @@ def format_ablation(report: dict[str, Any]) -> str:
     metrics = list(rows[0]["test"]) if rows else []
     key = report.get("delta_key")
     head = ["variant"] + metrics + [f"Δ {key} vs AlignMamba" if key else "Δ"]
-    lines = [f"Test metrics, mean ± std over seeds {report['seeds']} ({report.get('data')}, "
-             f"up to {report.get('epochs')} epochs); accuracies and F1 in %.", "",
+    title = (f"Test metrics, mean ± std over seeds {report['seeds']} ({report.get('data')}, "
+             f"up to {report.get('epochs')} epochs); accuracies and F1 in %.")
+    lines = [title, "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         cells = [f"{r['name']} ({r['description']})"]

@@ -37,9 +37,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_MODELS = ["alignmamba", "transformer_single", "transformer_multi", "mamba_single", "mamba_multi"]
 GPU_LENGTHS = [800, 1600, 3200, 6400, 12800, 25600, 65536]
@@ -208,12 +209,13 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
             peak = rss.stop()
         rec["time_ms"] = float(statistics.median(times))
         rec["peak_mem_bytes"] = peak
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else is a bug
+    except Exception as e:  # only out-of-memory is recorded; anything else is a bug and propagates
         if not _is_oom(e):
             raise
         rec["status"] = "oom"
     finally:
-        del model, opt, feats, masks
+        # drop the references before freeing the cache, so an OOM point leaves the device clean
+        model = opt = feats = masks = None
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -232,7 +234,7 @@ def measure_point_subprocess(model_name: str, length: int, s: BenchSettings,
     pkg_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "alignmamba.bench", "--point", payload],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
     if proc.returncode == -9:
         return {"model": model_name, "length": int(length), "time_ms": None, "peak_mem_bytes": None,
                 "status": "oom", "note": "worker killed (SIGKILL, presumably the OOM killer)"}
@@ -357,8 +359,9 @@ def run_bench(settings: BenchSettings, models: list[str], lengths: list[int], is
 def format_markdown(report: dict[str, Any]) -> str:
     """The results as a Markdown table (one row per point, grouped by length)."""
     unit = "step" if report["mode"] == "train" else "forward"
-    lines = [f"| model | tokens | status | time/{unit} (ms) | peak mem (MiB) | time / AlignMamba | "
-             "mem / AlignMamba |", "|---|---:|---|---:|---:|---:|---:|"]
+    header = (f"| model | tokens | status | time/{unit} (ms) | peak mem (MiB) | time / AlignMamba | "
+              "mem / AlignMamba |")
+    lines = [header, "|---|---:|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         t = f"{r['time_ms']:.2f}" if r["time_ms"] is not None else "-"
         m = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r["peak_mem_bytes"] is not None else "-"
@@ -445,9 +448,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     """Run the benchmark from parsed CLI arguments."""
     import torch
 
+    from . import baselines  # noqa: F401  (registers the baselines in MODELS)
     from .errors import ConfigError
-    from .model import MODELS, build_model  # noqa: F401  (build_model registers the baselines)
-    from . import baselines  # noqa: F401
+    from .model import MODELS
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -12,7 +12,6 @@ from alignmamba.errors import ConfigError
 from alignmamba.model import MODELS, AlignMambaConfig, build_model
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: one thread is fastest and immune to OpenMP stalls on a busy 2-core box."""
@@ -30,7 +29,7 @@ LENS = {"text": 6, "audio": 9, "vision": 11}
 def make_cfg(name: str, mods=("text", "audio", "vision"), task="regression", **kw) -> AlignMambaConfig:
     mods = list(mods)
     order = [m for m in ("vision", "audio", "text") if m in mods]
-    args = dict(d_model=16, n_layers=2, n_heads=4, d_state=4, num_classes=3)
+    args = {"d_model": 16, "n_layers": 2, "n_heads": 4, "d_state": 4, "num_classes": 3}
     args.update(kw)
     return AlignMambaConfig(model=name, modalities=mods, input_dims={m: DIMS[m] for m in mods},
                             interleave_order=order, task=task, **args)
