@@ -116,11 +116,13 @@ def run_ablation(base, variants: list[str], out: str | Path, resume: bool = Fals
     if not variants:
         raise ConfigError("--variants: name at least one variant")
     out = Path(out)
+    # every variant's config first: a bad combination fails now, not after hours of training
+    configs = {name: variant_config(base, name, out) for name in variants}
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     data_source = None
     for i, name in enumerate(variants, 1):
-        cfg = variant_config(base, name, out)
+        cfg = configs[name]
         log(f"== [{i}/{len(variants)}] {name}: {DESCRIPTIONS[name]}  ({' '.join(VARIANTS[name]) or 'no overrides'})")
         metrics = _reusable(cfg, Path(cfg.train.out)) if resume else None
         if metrics is not None:

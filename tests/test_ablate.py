@@ -82,6 +82,20 @@ def test_unknown_variant_is_a_user_error(tmp_path, capsys):
         ablate.run_ablation(base, [], tmp_path)
 
 
+def test_bad_variant_combination_fails_before_training(tmp_path, monkeypatch):
+    import alignmamba.train as train
+
+    def must_not_train(*a, **k):
+        raise AssertionError("trained before checking every variant")
+
+    monkeypatch.setattr(train, "run_experiment", must_not_train)
+    # a BERT text encoder exists for AlignMamba only: the baseline variant's config is invalid
+    base = resolve_config("synthetic", None, TINY + ["model.text_encoder=bert", "model.bert_config={}"],
+                          seeds=[1], epochs=1)
+    with pytest.raises(ConfigError, match="text_encoder"):
+        ablate.run_ablation(base, ["alignmamba", "mamba_single"], tmp_path)
+
+
 def test_format_without_reference():
     report = {"seeds": [1], "data": "x", "epochs": 1, "delta_key": "Non0_acc_2", "variants": [
         {"name": "mamba_single", "description": "d", "test": {"Non0_acc_2": 0.5, "MAE": 1.25},
