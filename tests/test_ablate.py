@@ -83,7 +83,7 @@ def test_unknown_variant_is_a_user_error(tmp_path, capsys):
 
 
 def test_bad_variant_combination_fails_before_training(tmp_path, monkeypatch):
-    import alignmamba.train as train
+    from alignmamba import train
 
     def must_not_train(*a, **k):
         raise AssertionError("trained before checking every variant")

@@ -103,15 +103,20 @@ def test_other_errors_are_not_hidden(monkeypatch):
 
 
 def test_peak_rss_sees_each_interval():
-    big = torch.ones(48 * 2**20 // 4)  # an earlier, larger peak must not hide the next interval's
+    # Blocks above glibc's largest mmap threshold (32 MiB) are fresh pages, never recycled heap
+    # that is already resident, so their growth is visible whatever ran before in this process.
+    big = torch.ones(160 * 2**20 // 4)  # an earlier, larger peak must not hide the next interval's
     del big
     rss = bench.PeakRSS()
     rss.start()
-    x = torch.ones(24 * 2**20 // 4)
+    x = torch.ones(80 * 2**20 // 4)
     x += 1  # touch the pages
     grown = rss.stop()
     del x
-    assert 20 * 2**20 <= grown <= 40 * 2**20 or rss.method == "ru_maxrss"
+    if rss.method == "VmHWM":
+        assert 75 * 2**20 <= grown <= 100 * 2**20
+    else:  # ru_maxrss (no /proc): the earlier 160 MiB peak hides the 80 MiB one
+        assert grown >= 0
 
 
 def test_add_ratios():
