@@ -884,3 +884,18 @@ def test_resume_errors_are_one_line(tmp_path, capsys, reference_3ep):
     (d / "seed_1111" / "result.json").write_text('{"seed": 5}')
     rc, _, err = run_cli(capsys, "train", "--resume", d)
     assert_user_error(rc, err, str(d / "seed_1111" / "result.json"), "not the record of seed 1111")
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Outputs must be readable like any file the user creates (mkstemp alone gives 0600)."""
+    import os
+    import stat
+
+    from alignmamba.checkpoint import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
