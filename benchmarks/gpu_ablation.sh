@@ -3,6 +3,8 @@
 # run on one GPU in one device call: variant groups train as parallel processes, then the
 # runner is called once more with --resume to gather every variant into one table.
 #   OUT=/path SEEDS="1111 1112" EPOCHS=20 bash benchmarks/gpu_ablation.sh
+# Measured 2026-11-27: with SEEDS="1111 1112" EPOCHS=16 it did not finish within a 560 s limit on
+# one H100 (nothing came back); give each call fewer variants or one seed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"; mkdir -p "$OUT"
