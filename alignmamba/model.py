@@ -161,10 +161,7 @@ def register_model(name: str) -> Callable[[type], type]:
 
 def build_model(cfg: AlignMambaConfig) -> nn.Module:
     """Instantiate the model named ``cfg.model`` (AlignMamba or a baseline)."""
-    try:
-        from . import baselines  # noqa: F401  (registers the baselines)
-    except ImportError:  # baselines are optional while the package is being assembled
-        pass
+    from . import baselines  # noqa: F401  (registers the baselines)
     if cfg.model not in MODELS:
         raise ConfigError(f"model.model: unknown model '{cfg.model}' (known: {', '.join(sorted(MODELS))})")
     return MODELS[cfg.model](cfg)
