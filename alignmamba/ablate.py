@@ -77,30 +77,141 @@ def variant_config(base, name: str, out: Path):
     return cfg
 
 
-def _reusable(cfg, directory: Path) -> dict[str, Any] | None:
-    """metrics.json of a finished earlier run of exactly this config (``--resume``), else None."""
+def _config_matches(cfg, directory: Path, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether ``directory/config.json`` was written for ``cfg`` (train keys in ``ignore`` aside)."""
     from .config import to_dict
 
-    mpath, cpath = directory / "metrics.json", directory / "config.json"
-    if not (mpath.is_file() and cpath.is_file()):
-        return None
+    cpath = directory / "config.json"
     try:
         old = json.loads(cpath.read_text())
-        metrics = json.loads(mpath.read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        return False
     new = to_dict(cfg)
+    old_train = {k: v for k, v in old.get("train", {}).items() if k not in ignore}
+    new_train = {k: v for k, v in new["train"].items() if k not in ignore}
     # run_experiment stores the model section after fitting it to the data (input widths,
     # modality order); compare everything else exactly and the model's own choices key by key.
-    same = all(old.get(k) == new[k] for k in new if k != "model")
-    same = same and all(old.get("model", {}).get(k) == v for k, v in new["model"].items()
+    same = old_train == new_train and all(old.get(k) == new[k] for k in new if k not in ("model", "train"))
+    return same and all(old.get("model", {}).get(k) == v for k, v in new["model"].items()
                         if k not in ("input_dims", "modalities", "interleave_order"))
-    return metrics if same and "test" in metrics else None
+
+
+def _reusable(cfg, directory: Path) -> dict[str, Any] | None:
+    """metrics.json of a finished earlier run of exactly this config (``--resume``), else None."""
+    if not _config_matches(cfg, directory):
+        return None
+    try:
+        metrics = json.loads((directory / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return metrics if isinstance(metrics, dict) and "test" in metrics else None
+
+
+# Seeds may be trained by workers that differ only in which seeds and whether they were
+# quiet; a finished seed of such a run is still a seed of this configuration.
+_SEED_KEYS = ("seeds", "quiet", "threads")
+
+
+def _prepare_seeds(cfg, resume: bool) -> list[int]:
+    """Make ``cfg.train.out`` ready for per-seed workers; return the seeds still to train.
+
+    Without ``resume`` (or when the directory holds another configuration) every seed starts
+    afresh; with it, seeds whose ``result.json`` exists are kept.
+    """
+    from .checkpoint import atomic_write_json
+    from .config import to_dict
+    from .train_state import clear_seed_dir, read_result
+
+    directory = Path(cfg.train.out)
+    keep = resume and _config_matches(cfg, directory, _SEED_KEYS)
+    directory.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for seed in cfg.train.seeds:
+        seed_dir = directory / f"seed_{seed}"
+        if keep and read_result(seed_dir, seed) is not None:
+            continue
+        if not keep:
+            clear_seed_dir(seed_dir)
+        todo.append(seed)
+    atomic_write_json(directory / "config.json", to_dict(cfg))  # what the workers read
+    return todo
+
+
+def run_jobs(tasks: list[tuple[str, Path, int]], jobs: int, device: str, resume: bool,
+             log: Callable[[str], None] = print) -> None:
+    """Train ``(variant, out_dir, seed)`` tasks in up to ``jobs`` worker processes at a time.
+
+    Each worker is :func:`alignmamba.distributed.seed_worker_main` (one seed of the run whose
+    config is ``out_dir/config.json``); its output goes to ``out_dir/seed_<s>.log``. Workers
+    are spread round-robin over the visible GPUs (several per GPU: small models leave most of
+    a GPU idle, so parallel runs raise throughput); on the CPU each gets cores / jobs threads.
+    Raises AlignMambaError naming the failed runs after all workers have ended.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from .distributed import _package_pythonpath
+    from .errors import AlignMambaError
+
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    gpus = list(range(torch.cuda.device_count())) if use_cuda else []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if use_cuda and visible:
+        gpus = [v.strip() for v in visible.split(",") if v.strip()][: len(gpus)]
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    pending = list(tasks)
+    running: list[tuple[subprocess.Popen, str, int, Any]] = []
+    failed: list[str] = []
+    started = 0
+    code = "from alignmamba.distributed import seed_worker_main as m; raise SystemExit(m())"
+    log(f"ablate: {len(tasks)} run(s), up to {jobs} at a time"
+        + (f" on GPU(s) {', '.join(map(str, gpus))}" if gpus else f" on the CPU ({threads} thread(s) each)"))
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, directory, seed = pending.pop(0)
+                env = _package_pythonpath(dict(os.environ))
+                env["PYTHONUNBUFFERED"] = "1"
+                env["OMP_NUM_THREADS"] = str(threads)
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(gpus[started % len(gpus)])
+                started += 1
+                fh = open(directory / f"seed_{seed}.log", "w", encoding="utf-8")
+                cmd = [sys.executable, "-c", code, str(directory), str(seed), *(["--resume"] if resume else [])]
+                proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+                running.append((proc, name, seed, fh))
+                log(f"   started {name} seed {seed}")
+            time.sleep(0.5)
+            for item in [r for r in running if r[0].poll() is not None]:
+                proc, name, seed, fh = item
+                running.remove(item)
+                fh.close()
+                ok = proc.returncode == 0
+                log(f"   {'finished' if ok else 'FAILED'} {name} seed {seed}"
+                    + ("" if ok else f" (exit code {proc.returncode}; see {fh.name})"))
+                if not ok:
+                    failed.append(f"{name} seed {seed} ({fh.name})")
+    except BaseException:
+        for proc, _, _, fh in running:  # only the workers started here
+            proc.terminate()
+        for proc, _, _, fh in running:
+            proc.wait()
+            fh.close()
+        raise
+    if failed:
+        raise AlignMambaError(f"ablate --jobs: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 def run_ablation(base, variants: list[str], out: str | Path, resume: bool = False,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, jobs: int = 1) -> dict[str, Any]:
     """Train every variant of ``variants`` on ``base`` (an ExperimentConfig); write and return the table.
+
+    ``jobs`` > 1 trains the (variant, seed) runs in that many worker processes at once
+    (:func:`run_jobs`), then gathers them; the table is the same as with ``jobs=1``.
 
     Returns the dict written to out/ablation.json:
     ``{"seeds", "data", "delta_key", "variants": [{"name", "description", "overrides", "model",
@@ -119,6 +230,15 @@ def run_ablation(base, variants: list[str], out: str | Path, resume: bool = Fals
     # every variant's config first: a bad combination fails now, not after hours of training
     configs = {name: variant_config(base, name, out) for name in variants}
     out.mkdir(parents=True, exist_ok=True)
+    if jobs > 1:
+        from .train import load_experiment_data
+        load_experiment_data(base)  # a bad data file fails here in one line, not in every worker
+        tasks = []
+        for name in variants:
+            if resume and _reusable(configs[name], Path(configs[name].train.out)) is not None:
+                continue
+            tasks += [(name, Path(configs[name].train.out), s) for s in _prepare_seeds(configs[name], resume)]
+        run_jobs(tasks, jobs, base.train.device, resume, log)
     rows: list[dict[str, Any]] = []
     data_source = None
     for i, name in enumerate(variants, 1):
@@ -128,7 +248,10 @@ def run_ablation(base, variants: list[str], out: str | Path, resume: bool = Fals
         if metrics is not None:
             log(f"   reusing {cfg.train.out}/metrics.json (same config)")
         else:
-            metrics = run_experiment(cfg, log=lambda text, _n=name: log(
+            # finished seeds are reused only when the directory holds this very configuration
+            # (the workers of --jobs, or an interrupted earlier --resume run)
+            seeds_ok = (resume or jobs > 1) and _config_matches(cfg, Path(cfg.train.out), _SEED_KEYS)
+            metrics = run_experiment(cfg, resume=seeds_ok, log=lambda text, _n=name: log(
                 "\n".join(f"   [{_n}] {line}" for line in str(text).splitlines())))
         data_source = data_source or metrics.get("data")
         rows.append({"name": name, "description": DESCRIPTIONS[name], "overrides": VARIANTS[name],
@@ -185,6 +308,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse variants whose out/<variant>/metrics.json was made with the same config")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many (variant, seed) runs at once in worker processes, spread over the "
+                        "visible GPUs (several per GPU pay off for small models) or the CPU cores (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value for every variant, e.g. --set model.d_model=128 (repeatable)")
     p.set_defaults(func=cmd_ablate)
@@ -199,5 +325,8 @@ def cmd_ablate(a: argparse.Namespace) -> int:
     variants: list[str] = []
     for item in a.variants or list(VARIANTS):
         variants += [v for v in item.split(",") if v]
-    run_ablation(base, variants, a.out, resume=a.resume)
+    if a.jobs < 1:
+        from .errors import ConfigError
+        raise ConfigError(f"--jobs: must be >= 1, got {a.jobs}")
+    run_ablation(base, variants, a.out, resume=a.resume, jobs=a.jobs)
     return 0

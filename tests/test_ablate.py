@@ -102,3 +102,40 @@ def test_format_without_reference():
          "test_std": {"Non0_acc_2": 0.1, "MAE": 0.5}, "delta": None}]}
     md = ablate.format_ablation(report)
     assert "| mamba_single (d) | 50.00 ± 10.00 | 1.25 ± 0.50 | - |" in md
+
+
+def test_jobs_give_the_same_table_as_one_process(tmp_path, capsys):
+    """--jobs trains (variant, seed) runs in worker processes; the table must equal the serial one."""
+    common = ["ablate", "--seeds", "1", "2", "--epochs", "1", "--quiet", "--device", "cpu",
+              "--variants", "alignmamba", "no_mmd"]
+    for kv in TINY:
+        common += ["--set", kv]
+    assert main(common + ["--out", str(tmp_path / "serial")]) == 0
+    assert main(common + ["--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 run(s), up to 2 at a time" in out and sum(ln.startswith("   finished ") for ln in out.splitlines()) == 4
+    serial = json.loads((tmp_path / "serial" / "ablation.json").read_text())
+    par = json.loads((tmp_path / "par" / "ablation.json").read_text())
+    for a, b in zip(serial["variants"], par["variants"], strict=True):
+        assert a["name"] == b["name"]
+        for k, v in a["test"].items():
+            assert b["test"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (a["name"], k)
+        seeds = json.loads((tmp_path / "par" / b["name"] / "metrics.json").read_text())["seeds"]
+        assert [s["seed"] for s in seeds] == [1, 2]
+        assert (tmp_path / "par" / b["name"] / "seed_2.log").is_file()
+    # a second --jobs --resume run trains nothing
+    assert main(common + ["--out", str(tmp_path / "par"), "--jobs", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "started" not in out and out.count("reusing") == 2
+
+
+def test_jobs_failure_is_reported(tmp_path, capsys):
+    args = ["ablate", "--seeds", "1", "--epochs", "1", "--quiet", "--device", "cpu", "--jobs", "2",
+            "--variants", "alignmamba", "--out", str(tmp_path), "--data", str(tmp_path / "nope.pkl")]
+    assert main(args) == 2
+    assert "nope.pkl" in capsys.readouterr().err
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert main(["ablate", "--out", str(tmp_path), "--jobs", "0"]) == 2
+    assert "--jobs: must be >= 1" in capsys.readouterr().err
