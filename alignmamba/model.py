@@ -296,6 +296,10 @@ class AlignMamba(PretrainedMixin, nn.Module):
         masks = {m: (given[m].to(torch.bool) if m in given else
                      torch.ones(features[m].shape[:2], dtype=torch.bool, device=ref.device))
                  for m in cfg.modalities if not self._bert_text(m)}
+        # Without ``present`` every modality is there, and the per-sample fallbacks for absent
+        # ones are skipped statically: a data-dependent Python ``if`` on a device tensor would
+        # be a host sync per step (and cannot be captured in a CUDA graph).
+        some_missing = present is not None
         if present is None:
             present = torch.ones(B, len(cfg.modalities), dtype=torch.bool, device=ref.device)
         # step 1: unimodal encoders (BERT: the text mask comes from text_bert's attention row)
@@ -321,7 +325,8 @@ class AlignMamba(PretrainedMixin, nn.Module):
         align_terms = []
         for m in cfg.sources:
             x_al, plan = self._align(h[m], masks[m], h[anchor], anc_mask & anc_present[:, None], return_plans)
-            if not anc_present.all():  # samples without the anchor: time-resample instead
+            if some_missing:  # samples without the anchor: time-resample instead (no sync:
+                # both are computed and selected per sample)
                 resampled = al.resample_to(h[m], masks[m], anc.shape[1], anc_mask)
                 x_al = torch.where(anc_present[:, None, None], x_al, resampled)
             if plan is not None:
