@@ -98,6 +98,10 @@ class TrainConfig:
     on_nonfinite_loss: str = "stop"  # "stop" (keep the best checkpoint) | "skip" (skip the step)
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     seed_parallel: bool = False  # one process per seed, one seed per GPU (docs/DISTRIBUTED.md)
+    # CUDA graphs for the training step (graphs.py, docs/ARCHITECTURE.md "Fast CUDA training
+    # step"): forward and backward replayed as graphs, the split kept on the GPU, fused AdamW.
+    # Ignored with one warning on CPU, under DDP, with missing-modality training or BERT text.
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -261,12 +265,15 @@ def param_groups(model: nn.Module, weight_decay: float, bert_lr: float | None = 
     return groups
 
 
-def make_optimizer(model: nn.Module, oc: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, oc: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of ``oc`` over :func:`param_groups`. ``fused``: the single-kernel CUDA
+    implementation (all parameters must be on CUDA); the same update up to rounding."""
     groups = param_groups(model, oc.weight_decay, oc.bert_lr, oc.bert_weight_decay)
+    kw = {"fused": True} if fused else {}
     if oc.name == "sgd":
-        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum)
+        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, **kw)
     cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=oc.lr, betas=tuple(oc.betas))
+    return cls(groups, lr=oc.lr, betas=tuple(oc.betas), **kw)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, oc: OptimConfig, epochs: int, steps_per_epoch: int):
@@ -290,12 +297,22 @@ def make_scheduler(opt: torch.optim.Optimizer, oc: OptimConfig, epochs: int, ste
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device``. Host tensors bound for CUDA are pinned first: a copy
+    from pageable memory synchronises the stream (the CPU would wait for the GPU at every
+    tensor); from pinned memory it is truly asynchronous."""
+    pin = device.type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if pin and t.device.type == "cpu":
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
     out = {}
     for k, v in batch.items():
         if isinstance(v, dict):
-            out[k] = {m: t.to(device, non_blocking=True) for m, t in v.items()}
+            out[k] = {m: move(t) for m, t in v.items()}
         elif isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
+            out[k] = move(v)
         else:
             out[k] = v
     return out
@@ -320,18 +337,24 @@ def _uses_bert(model: nn.Module) -> bool:
 
 
 class Progress:
-    """A dependency-free progress line on stderr (only when it is a terminal and not quiet)."""
+    """A dependency-free progress line on stderr (only when it is a terminal and not quiet).
 
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.n = total, desc, 0
+    The loss shown is read from the device every ``every`` steps and at the last step only
+    (reading it is a host sync), so the number lags the step counter in between."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, every: int = 20):
+        self.total, self.desc, self.n, self.every = total, desc, 0, every
         self.enabled = enabled and sys.stderr.isatty()
         self.t0 = time.time()
+        self.loss = float("nan")
 
-    def update(self, loss: float) -> None:
+    def update(self, loss: torch.Tensor | float) -> None:
         self.n += 1
         if self.enabled:
+            if self.n == 1 or self.n % self.every == 0 or self.n >= self.total:
+                self.loss = float(loss)
             rate = self.n / max(1e-9, time.time() - self.t0)
-            sys.stderr.write(f"\r{self.desc} {self.n}/{self.total} loss {loss:.4f} ({rate:.1f} it/s)   ")
+            sys.stderr.write(f"\r{self.desc} {self.n}/{self.total} loss {self.loss:.4f} ({rate:.1f} it/s)   ")
             sys.stderr.flush()
 
     def close(self) -> None:
@@ -346,22 +369,25 @@ def evaluate_model(model: nn.Module, loader: Iterable, mcfg: AlignMambaConfig, d
     """Run ``model`` over ``loader``; returns loss, metrics and per-sample predictions."""
     model.eval()
     preds, labels, index = [], [], []
-    total, count = 0.0, 0
+    # the loss sum and the predictions stay on the device until the loop ends: one host sync
+    # per evaluation instead of several per batch (float64 sums: the host's float arithmetic)
+    total: torch.Tensor | float = 0.0
+    count = 0
     for batch in loader:
+        labels.append(batch["label"].cpu())  # the loader's host copies, before the move
+        index.append(batch["index"].cpu())
         batch = to_device(batch, device)
         with _autocast(device, amp):
             out = forward_batch(model, batch)
         lt = task_loss(out.pred, batch["label"], mcfg, loss)
         n = batch["label"].shape[0]
-        total += float(lt) * n
+        total = total + lt.detach().double() * n
         count += n
-        preds.append(out.pred.float().cpu())
-        labels.append(batch["label"].cpu())
-        index.append(batch["index"].cpu())
-    pred = torch.cat(preds) if preds else torch.zeros(0)
+        preds.append(out.pred.detach().float())
+    pred = torch.cat(preds).cpu() if preds else torch.zeros(0)
     label = torch.cat(labels) if labels else torch.zeros(0)
     idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-    mean_loss = total / max(1, count)
+    mean_loss = float(total) / max(1, count)
     if D.get_env().world > 1:
         # every process evaluated its shard (distributed.shard_sampler): put the whole split
         # together, each sample once, and make rank 0's loss and metrics everybody's
@@ -477,11 +503,22 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
     mcfg = fit_model_config(cfg.model, ds)
     model = build_model(mcfg).to(device)
     train_loader, valid_loader, test_loader = make_loaders(cfg, ds, seed, env.rank, env.world)
-    opt = make_optimizer(model, oc)
-    sched = make_scheduler(opt, oc, tc.epochs, len(train_loader))
-    per_step = oc.scheduler in ("cosine", "none")
     amp = tc.amp and device.type == "cuda"
     missing = _missing_sampler(cfg, seed)
+    graphed = None  # graphs.GraphedTrainStep when train.cuda_graphs is on and usable
+    if tc.cuda_graphs:
+        from . import graphs as G
+        why = G.graphs_unsupported_reason(device, env.world, missing is not None, _uses_bert(model))
+        if why is None:
+            dev_train = G.DeviceSplit(ds.splits["train"], device, mcfg.task, mcfg.num_classes)
+            graphed = G.GraphedTrainStep(model, mcfg.modalities,
+                                         lambda pred, label: task_loss(pred, label, mcfg, tc.loss),
+                                         amp, batch_size=train_loader.batch_size)
+        else:
+            G.warn_once(f"train.cuda_graphs: {why}; using the eager training step")
+    opt = make_optimizer(model, oc, fused=graphed is not None)
+    sched = make_scheduler(opt, oc, tc.epochs, len(train_loader))
+    per_step = oc.scheduler in ("cosine", "none")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     best_dir = out_dir / "best"
@@ -515,43 +552,53 @@ def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=prin
         model.train()
         t0 = time.time()
         prog = Progress(len(train_loader), f"seed {seed} epoch {epoch}", not tc.quiet and env.is_main)
-        sums = {"loss": 0.0, "task": 0.0, "align": 0.0}
+        # (loss, task, align) * n summed on the device in float64 (the same arithmetic as
+        # Python floats) and read once per epoch: reading them per step would be 3 host syncs
+        sums_dev: torch.Tensor | None = None
         n_seen, step = 0, 0
-        for batch in train_loader:
+        batches = (dev_train.batches(list(train_loader.sampler), train_loader.batch_size)
+                   if graphed is not None else train_loader)
+        for batch in batches:
             step += 1
-            if missing is not None:
-                batch = missing(batch)
-            batch = to_device(batch, device)
-            with _autocast(device, amp):
-                out = forward_batch(net, batch)
-            lt = task_loss(out.pred, batch["label"], mcfg, tc.loss)
-            la = out.align_loss.float()
+            if graphed is not None:  # already on the device, padded to the split's lengths
+                lt, la = graphed(batch)
+            else:
+                if missing is not None:
+                    batch = missing(batch)
+                batch = to_device(batch, device)
+                with _autocast(device, amp):
+                    out = forward_batch(net, batch)
+                lt = task_loss(out.pred, batch["label"], mcfg, tc.loss)
+                la = out.align_loss.float()
             loss = lt + la
-            if not D.all_ok(bool(torch.isfinite(loss))):  # all ranks skip / stop together
-                msg = f"seed {seed} epoch {epoch} step {step}: non-finite loss ({float(loss)})"
-                if tc.on_nonfinite_loss == "skip":
-                    log(f"warning: {msg}; step skipped")
-                    opt.zero_grad(set_to_none=True)
-                    continue
-                log(f"error: {msg}; stopping, best checkpoint kept")
-                stop_reason = "nonfinite_loss"
-                break
+            # backward and clipping are queued before the step's one host sync (the finiteness
+            # check), so the CPU launches them while the GPU still runs the forward; a
+            # non-finite step's gradients are then discarded
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if oc.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
+            if not D.all_ok(bool(torch.isfinite(loss))):  # all ranks skip / stop together
+                msg = f"seed {seed} epoch {epoch} step {step}: non-finite loss ({float(loss)})"
+                opt.zero_grad(set_to_none=True)
+                if tc.on_nonfinite_loss == "skip":
+                    log(f"warning: {msg}; step skipped")
+                    continue
+                log(f"error: {msg}; stopping, best checkpoint kept")
+                stop_reason = "nonfinite_loss"
+                break
             opt.step()
             if per_step:
                 sched.step()
             n = batch["label"].shape[0]
             n_seen += n
-            sums["loss"] += float(loss.detach()) * n
-            sums["task"] += float(lt.detach()) * n
-            sums["align"] += float(la.detach()) * n
-            prog.update(float(loss.detach()))
+            part = torch.stack([loss.detach(), lt.detach(), la.detach()]).double() * n
+            sums_dev = part if sums_dev is None else sums_dev + part
+            prog.update(loss.detach())
         prog.close()
         if stop_reason == "nonfinite_loss":
             break
+        sums = dict(zip(("loss", "task", "align"), sums_dev.tolist() if sums_dev is not None else [0.0] * 3))
         # epoch means over the samples of every rank (with the training sampler's padding)
         sums["loss"], sums["task"], sums["align"], n_seen = D.sum_across(
             [sums["loss"], sums["task"], sums["align"], n_seen])

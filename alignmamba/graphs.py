@@ -1,0 +1,226 @@
+"""Fast CUDA training step: static-shape batches and a CUDA-graphed forward + backward.
+
+At MOSI's size (batch 32, d 48) a training step is a few hundred tiny kernels, so an eager
+step is bound by the CPU launching them, not by the GPU running them. With
+``train.cuda_graphs=true`` (train.py) the training step becomes:
+
+* data: the whole training split lives on the device once, zero-padded to the split's
+  longest real length per modality (:class:`DeviceSplit`); a batch is an index gather in the
+  order of the loop's sampler, so no host collation or host-to-device copy per step;
+* forward + backward: :class:`StepLoss` maps flat tensors (features and masks per modality,
+  labels) to (task loss, lambda L_align) (eq. 12); :class:`GraphedTrainStep` captures it with
+  ``torch.cuda.make_graphed_callables``, so the forward is one graph replay and the backward
+  another. Shapes must be static: batches of the captured shape replay the graphs, any other
+  shape (the last, partial batch of an epoch) runs the same module eagerly on the same
+  parameters;
+* the optimizer (fused AdamW), gradient clipping and the scheduler stay outside the graphs.
+
+Padding is inert: masks zero the encoders' padded tokens, OT never sends mass to or from a
+padded token (eq. 5), MMD averages over valid tokens (eq. 8), the Mamba scan is causal and
+padding sits at the back, and pooling is over valid positions. So a batch padded to the
+split's maximum lengths gives the loss and gradients of the trimmed batch
+(tests/test_graphs.py checks this on CPU in fp32).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .errors import ConfigError
+
+__all__ = ["DeviceSplit", "GraphedTrainStep", "StepLoss", "graphs_unsupported_reason", "pad_batch",
+           "split_max_lengths", "warn_once"]
+
+_warned: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+    """``warnings.warn(msg)`` the first time this exact message comes up in the process."""
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def graphs_unsupported_reason(device: torch.device, world: int = 1, missing: bool = False,
+                              bert: bool = False) -> str | None:
+    """Why ``train.cuda_graphs`` cannot be used for this run (None: it can).
+
+    Graphs need CUDA; DDP (its gradient hooks), missing-modality training (``present`` and
+    a per-batch sampler on the host) and the BERT text encoder (token ids) use the eager step.
+    """
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (training on {device})"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if world > 1:
+        return "CUDA graphs are not used under DDP (several processes)"
+    if missing:
+        return "CUDA graphs are not used with missing-modality training (data.missing_protocol)"
+    if bert:
+        return "CUDA graphs are not used with the BERT text encoder (model.text_encoder=bert)"
+    return None
+
+
+# ------------------------------------------------------------------ static-shape batches
+
+def split_max_lengths(split: Any) -> dict[str, int]:
+    """Longest real length per modality of a ``MultimodalSplit`` (the static T_m of its batches)."""
+    return {m: int(split.lengths[m].max()) for m in split.modalities}
+
+
+def pad_batch(batch: dict[str, Any], lengths: dict[str, int]) -> dict[str, Any]:
+    """Zero-pad a collated batch along time: features (B, T_m, d_m) -> (B, L_m, d_m), masks
+    (B, T_m) -> (B, L_m) with False; other entries are shared. Needs L_m >= T_m."""
+    feats, masks = {}, {}
+    for m, x in batch["features"].items():
+        t, want = x.shape[1], int(lengths[m])
+        if want < t:
+            raise ConfigError(f"pad_batch: lengths[{m!r}]={want} is shorter than the batch's {t} steps")
+        feats[m] = torch.nn.functional.pad(x, (0, 0, 0, want - t))
+        masks[m] = torch.nn.functional.pad(batch["masks"][m], (0, want - t), value=False)
+    return {**batch, "features": feats, "masks": masks}
+
+
+class DeviceSplit:
+    """A training split held on ``device`` once, padded to the split's max real lengths.
+
+    ``features[m]`` (N, L_m, d_m) float32 (zero beyond each sample's length, as the loaders
+    guarantee), ``masks[m]`` (N, L_m) bool, ``labels`` (N,) float32 or int64 (classification,
+    the mapping of ``SplitDataset``). :meth:`batches` yields batch dicts in the layout of
+    docs/ARCHITECTURE.md (without text_bert), gathered on the device by index.
+    """
+
+    def __init__(self, split: Any, device: torch.device | str, task: str = "regression",
+                 num_classes: int | None = None) -> None:
+        from .data.dataset import SplitDataset
+
+        self.device = torch.device(device)
+        self.modalities: list[str] = list(split.modalities)
+        self.lengths = split_max_lengths(split)
+        self.n = len(split)
+        self.features: dict[str, Tensor] = {}
+        self.masks: dict[str, Tensor] = {}
+        for m in self.modalities:
+            L = self.lengths[m]
+            self.features[m] = torch.from_numpy(split.features[m][:, :L]).to(self.device).contiguous()
+            ln = torch.from_numpy(split.lengths[m]).to(self.device)
+            self.masks[m] = torch.arange(L, device=self.device)[None, :] < ln[:, None]
+        targets = SplitDataset(split, task=task, num_classes=num_classes).targets
+        self.labels = torch.from_numpy(targets).to(self.device)
+
+    def batch(self, index: Tensor) -> dict[str, Any]:
+        """The samples ``index`` ((B,) int64 on the device), padded to the split's lengths."""
+        return {"features": {m: self.features[m].index_select(0, index) for m in self.modalities},
+                "masks": {m: self.masks[m].index_select(0, index) for m in self.modalities},
+                "label": self.labels.index_select(0, index), "index": index}
+
+    def batches(self, order: Sequence[int], batch_size: int) -> Iterator[dict[str, Any]]:
+        """Consecutive batches of ``batch_size`` over ``order`` (a sampler's indices; the last
+        batch may be smaller), exactly as a DataLoader with that sampler batches them.
+        One host-to-device copy of ``order`` per call."""
+        if batch_size < 1:
+            raise ConfigError(f"DeviceSplit.batches: batch_size must be >= 1, got {batch_size}")
+        idx = torch.as_tensor(list(order), dtype=torch.int64).to(self.device)
+        for k in range(0, idx.shape[0], batch_size):
+            yield self.batch(idx[k:k + batch_size])
+
+
+# ------------------------------------------------------------------ the graphed step
+
+class StepLoss(nn.Module):
+    """One training forward on flat tensors, for graph capture.
+
+    forward(*features (B, L_m, d_m) per modality, *masks (B, L_m) per modality, label (B,))
+      -> (task loss, lambda L_align), fp32 scalars (eq. 12 is their sum).
+    ``loss_fn(pred, label)`` is the task loss. With ``amp`` the model runs under bf16 autocast
+    with the cast cache off (a cache would keep casts from capture time inside the graph).
+    """
+
+    def __init__(self, model: nn.Module, modalities: Sequence[str],
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], amp: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.modalities = list(modalities)
+        self.loss_fn = loss_fn
+        self.amp = amp
+
+    def flat(self, batch: dict[str, Any]) -> tuple[Tensor, ...]:
+        """The forward's positional arguments from a batch dict."""
+        return (*(batch["features"][m] for m in self.modalities),
+                *(batch["masks"][m] for m in self.modalities), batch["label"])
+
+    def forward(self, *flat: Tensor) -> tuple[Tensor, Tensor]:
+        k = len(self.modalities)
+        feats = dict(zip(self.modalities, flat[:k]))
+        masks = dict(zip(self.modalities, flat[k:2 * k]))
+        label = flat[2 * k]
+        dev = label.device.type
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.amp and dev == "cuda",
+                            cache_enabled=False):
+            out = self.model(feats, masks)
+        return self.loss_fn(out.pred, label), out.align_loss.float()
+
+
+class GraphedTrainStep:
+    """(task loss, align loss) of a batch, with forward and backward as CUDA graph replays.
+
+    ``step(batch)`` returns the two fp32 scalars of :class:`StepLoss`; ``(lt + la).backward()``
+    then fills the parameters' ``.grad``. The first batch of ``batch_size`` samples on CUDA
+    triggers the capture (``warmup_iters`` forward/backward passes on a side stream first,
+    which leave ``.grad`` and the parameters untouched). Batches of the captured shapes replay
+    the graphs; others, and any call while the model is in eval mode or not on CUDA, run
+    :class:`StepLoss` eagerly on the same parameters. ``replays`` / ``eager_steps`` count both.
+    """
+
+    def __init__(self, model: nn.Module, modalities: Sequence[str],
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], amp: bool = False,
+                 batch_size: int | None = None, warmup_iters: int = 3) -> None:
+        self.model = model
+        self.eager = StepLoss(model, modalities, loss_fn, amp)
+        # a second wrapper over the same model: make_graphed_callables replaces the forward of
+        # the module it is given, the eager one must stay callable for other shapes
+        self._to_graph = StepLoss(model, modalities, loss_fn, amp)
+        self.batch_size = batch_size
+        self.warmup_iters = warmup_iters
+        self._graphed: Callable[..., tuple[Tensor, Tensor]] | None = None
+        self._shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...] | None = None
+        self.replays = 0
+        self.eager_steps = 0
+
+    @property
+    def captured(self) -> bool:
+        return self._graphed is not None
+
+    @staticmethod
+    def _signature(flat: Sequence[Tensor]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+        return tuple((tuple(t.shape), t.dtype) for t in flat)
+
+    def _capturable(self, flat: Sequence[Tensor]) -> bool:
+        label = flat[-1]
+        return (label.is_cuda and self.model.training
+                and (self.batch_size is None or label.shape[0] == self.batch_size))
+
+    def capture(self, batch: dict[str, Any]) -> None:
+        """Capture the graphs on ``batch``'s shapes (its values are only used for warm-up)."""
+        flat = self.eager.flat(batch)
+        # the graph's static inputs: own buffers, refilled by copy at every replay
+        sample = tuple(t.detach().clone() for t in flat)
+        self._to_graph.train(self.model.training)
+        self._graphed = torch.cuda.make_graphed_callables(
+            self._to_graph, sample, num_warmup_iters=self.warmup_iters, allow_unused_input=True)
+        self._shapes = self._signature(flat)
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        flat = self.eager.flat(batch)
+        if self._graphed is None and self._capturable(flat):
+            self.capture(batch)
+        if self._graphed is not None and self.model.training and self._signature(flat) == self._shapes:
+            self.replays += 1
+            return self._graphed(*flat)
+        self.eager_steps += 1
+        return self.eager(*flat)
