@@ -39,9 +39,21 @@ __all__ = [
     "mmd2_dense",
 ]
 
-# Tile edge for the linear-memory paths. 1024 x 1024 fp32 similarities are 4 MiB per
-# sample: large enough for efficient matmuls, small enough to never matter for memory.
-DEFAULT_TILE = 1024
+# Tiles of the linear-memory paths. ``tile=None`` (the default) sizes them from a fixed
+# budget of TILE_BUDGET similarities per block (64 MiB in fp32, whatever the lengths):
+# memory stays O((T_s + T_a) d) plus this constant, and long inputs need few blocks (each
+# block is a handful of kernel launches; at 64k tokens 1024 x 1024 tiles meant thousands
+# of launches and a launch-bound forward). An int gives square (tile x tile) blocks.
+TILE_BUDGET = 1 << 24
+DEFAULT_TILE: int | None = None
+
+
+def _tiles(batch: int, n: int, m: int, tile: int | None) -> tuple[int, int]:
+    """Block edges (rows of n, columns of m) for ``tile`` (None: from TILE_BUDGET)."""
+    if tile is not None:
+        return tile, tile
+    tj = max(1, min(m, TILE_BUDGET // max(1, batch)))
+    return max(1, min(n, TILE_BUDGET // (max(1, batch) * tj))), tj
 
 Bandwidth = Literal["fixed", "median", "multi"]
 # Multipliers of sigma for the multi-bandwidth kernel (a sum of Gaussians, as in
@@ -109,14 +121,15 @@ def relaxed_ot_plan(src: Tensor, anchor: Tensor, src_mask: Tensor | None = None,
 @torch.no_grad()
 def relaxed_ot_assign(src: Tensor, anchor: Tensor, src_mask: Tensor | None = None,
                       anchor_mask: Tensor | None = None, time_beta: float = 0.0,
-                      tile: int = DEFAULT_TILE) -> tuple[Tensor, Tensor]:
+                      tile: int | None = DEFAULT_TILE) -> tuple[Tensor, Tensor]:
     """The plan of eq. 5 in sparse form, in linear memory.
 
     Returns ``(index, weight)``, both (B, T_s): source token i sends ``weight[b, i]``
     (1 / len_src, or 0 for padding / no valid anchor) to anchor token ``index[b, i]``.
     The argmax of cosine similarity (= argmin of cost) is found over anchor tiles with a
     running maximum; a later tile wins only when strictly better, which keeps the
-    lowest-index rule on ties. Never holds more than (B, tile, tile) similarities.
+    lowest-index rule on ties. Never holds more than one block of similarities
+    ((B, tile, tile), or TILE_BUDGET of them with ``tile=None``).
     """
     sm, am = _full_mask(src, src_mask), _full_mask(anchor, anchor_mask)
     B, Ts, _ = src.shape
@@ -126,22 +139,25 @@ def relaxed_ot_assign(src: Tensor, anchor: Tensor, src_mask: Tensor | None = Non
     if time_beta:
         ts_all, ta_all = _time_positions(sm), _time_positions(am)
     index = torch.zeros(B, Ts, dtype=torch.long, device=src.device)
-    for i0 in range(0, Ts, tile):
-        s_t = s[:, i0:i0 + tile]
-        best = torch.full(s_t.shape[:2], -math.inf, device=src.device, dtype=s.dtype)
-        best_idx = torch.zeros(s_t.shape[:2], dtype=torch.long, device=src.device)
-        for j0 in range(0, Ta, tile):
+    ti, tj = _tiles(B, Ts, Ta, tile)
+    for i0 in range(0, Ts, ti):
+        s_t = s[:, i0:i0 + ti]
+        best = best_idx = None
+        for j0 in range(0, Ta, tj):
             # score = -cost + 1 = cos - beta |dt|, so the argmax of score is the argmin of cost
-            score = s_t @ a[:, j0:j0 + tile].transpose(1, 2)
+            score = s_t @ a[:, j0:j0 + tj].transpose(1, 2)
             if time_beta:
-                dt = ts_all[:, i0:i0 + tile, None] - ta_all[:, None, j0:j0 + tile]
-                score = score - time_beta * dt.abs()
-            score = score.masked_fill(~am[:, None, j0:j0 + tile], -math.inf)
+                dt = ts_all[:, i0:i0 + ti, None] - ta_all[:, None, j0:j0 + tj]
+                score.sub_(time_beta * dt.abs())
+            score.masked_fill_(~am[:, None, j0:j0 + tj], -math.inf)  # a fresh block: in place
             val, arg = score.max(dim=-1)
+            if best is None:
+                best, best_idx = val, arg
+                continue
             better = val > best
             best = torch.where(better, val, best)
             best_idx = torch.where(better, arg + j0, best_idx)
-        index[:, i0:i0 + tile] = best_idx
+        index[:, i0:i0 + ti] = best_idx
     n_src = sm.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
     weight = (sm & am.any(-1, keepdim=True)).to(s.dtype) / n_src
     return index, weight
@@ -164,7 +180,7 @@ def _scatter_align(src: Tensor, index: Tensor, weight: Tensor, t_anchor: int) ->
 def relaxed_ot_align(src: Tensor, anchor: Tensor, src_mask: Tensor | None = None,
                      anchor_mask: Tensor | None = None, time_beta: float = 0.0,
                      normalize: Literal["mass", "mean"] = "mass",
-                     tile: int = DEFAULT_TILE) -> Tensor:
+                     tile: int | None = DEFAULT_TILE) -> Tensor:
     """Aligned source X~ = plan^T @ src (eq. 6) without building the plan. -> (B, T_a, d).
 
     ``normalize="mass"`` is the paper: each row is the sum of the matched source tokens
@@ -314,13 +330,14 @@ def mmd2_dense(x: Tensor, y: Tensor, sigma: float = 1.0, x_mask: Tensor | None =
 
 
 def _blockwise_kernel_mean(a: Tensor, am: Tensor, b: Tensor, bm: Tensor, sig: Tensor,
-                           bandwidth: str, tile: int) -> Tensor:
-    """Mean of k(a_i, b_j) over valid pairs, accumulated over (tile x tile) blocks. (B,)."""
+                           bandwidth: str, tile: int | None) -> Tensor:
+    """Mean of k(a_i, b_j) over valid pairs, accumulated over blocks (see _tiles). (B,)."""
     total = a.new_zeros(a.shape[0])
-    for i0 in range(0, a.shape[1], tile):
-        a_t, am_t = a[:, i0:i0 + tile], am[:, i0:i0 + tile]
-        for j0 in range(0, b.shape[1], tile):
-            b_t, bm_t = b[:, j0:j0 + tile], bm[:, j0:j0 + tile]
+    ti, tj = _tiles(a.shape[0], a.shape[1], b.shape[1], tile)
+    for i0 in range(0, a.shape[1], ti):
+        a_t, am_t = a[:, i0:i0 + ti], am[:, i0:i0 + ti]
+        for j0 in range(0, b.shape[1], tj):
+            b_t, bm_t = b[:, j0:j0 + tj], bm[:, j0:j0 + tj]
             k = _gauss(_sq_dists(a_t, b_t), sig, bandwidth)
             total = total + (k * (am_t[:, :, None] & bm_t[:, None, :])).sum((1, 2))
     n = am.sum(-1).to(a.dtype) * bm.sum(-1).to(a.dtype)
@@ -329,11 +346,11 @@ def _blockwise_kernel_mean(a: Tensor, am: Tensor, b: Tensor, bm: Tensor, sig: Te
 
 def mmd2(x: Tensor, y: Tensor, sigma: float = 1.0, x_mask: Tensor | None = None,
          y_mask: Tensor | None = None, bandwidth: Bandwidth = "fixed",
-         tile: int = DEFAULT_TILE) -> Tensor:
+         tile: int | None = DEFAULT_TILE) -> Tensor:
     """Squared MMD of eq. 8 per sample, blockwise (linear memory). (B, T_x, d), (B, T_y, d) -> (B,).
 
-    Same value as :func:`mmd2_dense`; kernel blocks of at most (tile x tile) are formed
-    and reduced at once. ``bandwidth``: "fixed" (the paper's single sigma), "median"
+    Same value as :func:`mmd2_dense`; kernel blocks of at most (tile x tile), or of
+    TILE_BUDGET entries with ``tile=None``, are formed and reduced at once. ``bandwidth``: "fixed" (the paper's single sigma), "median"
     (sigma from the median heuristic per sample, no gradient through it) or "multi"
     (average of Gaussians at sigma times MULTI_SIGMA_SCALES).
     """

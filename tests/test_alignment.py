@@ -191,3 +191,23 @@ def test_median_bandwidth_is_scale_free():
     a = al.mmd2(x, y, bandwidth="median")
     b = al.mmd2(10 * x, 10 * y, bandwidth="median")
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 40, 1 << 24])
+def test_budget_tiles_equal_dense(pair, monkeypatch, budget):
+    """tile=None sizes blocks from TILE_BUDGET; any budget gives the dense plan, output and MMD."""
+    monkeypatch.setattr(al, "TILE_BUDGET", budget)
+    src, anc, sm, am = pair
+    ti, tj = al._tiles(src.shape[0], src.shape[1], anc.shape[1], None)
+    assert src.shape[0] * ti * tj <= max(budget, src.shape[0])  # one block never exceeds the budget
+    for beta in (0.0, 0.5):
+        idx, w = al.relaxed_ot_assign(src, anc, sm, am, time_beta=beta, tile=None)
+        dense = al.relaxed_ot_plan(src, anc, sm, am, time_beta=beta)
+        assert torch.equal(al.plan_from_assignment(idx, w, anc.shape[1]), dense)
+    x = src.double().requires_grad_(True)
+    y = anc.double().requires_grad_(True)
+    d = al.mmd2_dense(x, y, 1.3, sm, am)
+    t = al.mmd2(x, y, 1.3, sm, am, tile=None)
+    torch.testing.assert_close(t, d, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(t.sum(), (x, y)), torch.autograd.grad(d.sum(), (x, y))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
