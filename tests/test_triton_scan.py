@@ -169,12 +169,12 @@ def run_with_grads(fn, x, softplus, last, dtype_ref=None, seed=0):
     return out.detach(), (None if state is None else state.detach()), grads
 
 
-def triton_fn(block_l=None, ck=None):
+def triton_fn(block_l=None, ck=None, segments=None):
     def fn(x, softplus, last):
         return ts.selective_scan_triton(
             x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
             delta_softplus=softplus, return_last_state=last, initial_state=x["initial_state"],
-            block_l=block_l, chunks_per_ckpt=ck)
+            block_l=block_l, chunks_per_ckpt=ck, segments=segments)
     return fn
 
 
@@ -225,6 +225,39 @@ def test_fp32_forward_and_grads_match_float64(case):
         assert torch.isfinite(grads[k]).all(), k
         err = rel_err(grads[k], rgrads[k])
         assert err < 1e-5, f"grad {k}: rel err {err:.2e}"
+
+
+# (L, BL, CK, segments, N, D, groups, h0): lengths not a multiple of a segment, of BL*CK, or of BL
+SEG_CASES = [
+    (37, 4, 2, 3, 4, 6, 2, True),
+    (50, 4, 1, 4, 8, 4, 0, False),
+    (29, 2, 4, 2, 3, 5, 0, True),
+]
+
+
+@pytest.mark.parametrize("case", SEG_CASES, ids=[f"L{c[0]}-BL{c[1]}-CK{c[2]}-S{c[3]}" for c in SEG_CASES])
+def test_segment_parallel_forward_matches_float64(case):
+    """The segment-parallel forward (pass 1 local states, combine, pass 2) and the backward
+    through its checkpoints equal the float64 recurrence, final state included."""
+    L, BL, CK, S, N, D, G, h0 = case
+    step = BL * CK
+    assert ts._cdiv(L, ts._cdiv(ts._cdiv(L, S), step) * step) > 1  # really more than one segment
+    x = make_inputs(2, D, N, L, G, True, True, True, h0, torch.float32, seed=L + S)
+    out, state, grads = run_with_grads(triton_fn(BL, CK, segments=S), x, True, True)
+    rout, rstate, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True, dtype_ref=torch.float64)
+    assert rel_err(out, rout) < 1e-5 and rel_err(state, rstate) < 1e-5
+    for k in GRAD_NAMES:
+        if x[k] is not None:
+            assert rel_err(grads[k], rgrads[k]) < 1e-5, k
+    with torch.no_grad():  # inference: no checkpoints
+        o2, s2 = triton_fn(BL, CK, segments=S)(x, True, True)
+    assert rel_err(o2, rout) < 1e-5 and rel_err(s2, rstate) < 1e-5
+
+
+def test_segments_are_only_picked_when_the_gpu_would_idle():
+    cfg = ts.pick_config(16, 512)
+    cpu = torch.device("cpu")
+    assert ts.pick_segments(1, 512, 1, 10_000, cfg, cpu) == 1  # the interpreter / CPU: one pass
 
 
 def test_bf16_error_within_twice_pytorch_fp32():

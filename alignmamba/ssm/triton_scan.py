@@ -127,8 +127,8 @@ def _load_dt(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
 @triton.jit
 def _ssm_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    out_ptr, last_ptr, ckpt_ptr,
-    L, N, Dg, n_blk_g,
+    out_ptr, last_ptr, ckpt_ptr, dsum_ptr,
+    L, N, Dg, n_blk_g, seg_len,
     s_ub, s_ud, s_ul,
     s_tb, s_td, s_tl,
     s_ad, s_an,
@@ -136,16 +136,25 @@ def _ssm_fwd_kernel(
     s_cb, s_cg, s_cn, s_cl,
     s_zb, s_zd, s_zl,
     s_ob, s_od, s_ol,
-    s_hb, s_hd, s_hn,
+    s_hb, s_hs, s_hd, s_hn,
     s_kb, s_kc, s_kn,
+    s_sb, s_ss,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr,
-    STORE_CKPT: tl.constexpr,
+    STORE_CKPT: tl.constexpr, STORE_OUT: tl.constexpr, STORE_DSUM: tl.constexpr,
     BL: tl.constexpr, NI: tl.constexpr, NL: tl.constexpr, DW: tl.constexpr, DL: tl.constexpr,
     CK: tl.constexpr, FAST: tl.constexpr,
 ):
+    """Forward over time segment ``program_id(2)`` ([seg * seg_len, +seg_len), seg_len a
+    multiple of BL * CK; one segment = the whole sequence). h0 / last are per (batch,
+    segment) with segment stride s_hs (0 for one segment). STORE_OUT=False computes only the
+    segment's final state (and, with STORE_DSUM, sum_t delta'_t per channel): the first
+    pass of the segment-parallel forward (``_fwd``)."""
     pid_blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    l_beg = seg * seg_len
+    l_end = tl.minimum(L, l_beg + seg_len)
     g = pid_blk // n_blk_g
     d_lo = g * Dg
     d0 = d_lo + (pid_blk % n_blk_g) * (DW * DL)
@@ -176,9 +185,12 @@ def _ssm_fwd_kernel(
     if HAS_D:
         Dv3 = tl.load(D_ptr + d3, mask=dm3, other=0.0).to(tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + b * s_hb + d4 * s_hd + n4 * s_hn, mask=sm4, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + b * s_hb + seg * s_hs + d4 * s_hd + n4 * s_hn, mask=sm4,
+                    other=0.0).to(tl.float32)
     else:
         h = tl.zeros((NI, DW, NL, DL), dtype=tl.float32)
+    if STORE_DSUM:
+        dsum = tl.zeros((DW, DL), dtype=tl.float32)
 
     u_ptrs = u_ptr + b * s_ub + d3 * s_ud + t3 * s_ul
     dt_ptrs = dt_ptr + b * s_tb + d3 * s_td + t3 * s_tl
@@ -186,17 +198,17 @@ def _ssm_fwd_kernel(
     o_ptrs = out_ptr + b * s_ob + d3 * s_od + t3 * s_ol
     B_ptrs = B_ptr + b * s_bb + g * s_bg + n5 * s_bn + t5 * s_bl
     C_ptrs = C_ptr + b * s_cb + g * s_cg + n5 * s_cn + t5 * s_cl
-    k_ptrs = ckpt_ptr + b * s_kb + n4 * s_kn + d4
+    # checkpoint index is global: segments start on checkpoint boundaries
+    k_ptrs = ckpt_ptr + b * s_kb + n4 * s_kn + d4 + (l_beg // (BL * CK)) * s_kc
 
-    n_chunks = tl.cdiv(L, BL)
+    n_chunks = tl.cdiv(l_end - l_beg, BL)
     for c in range(n_chunks):
-        l0 = c * BL
-        tm3 = ((l0 + t3) < L) & dm3
-        tm5 = ((l0 + t5) < L) & nm5
+        l0 = l_beg + c * BL
+        tm3 = ((l0 + t3) < l_end) & dm3
+        tm5 = ((l0 + t5) < l_end) & nm5
         u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
         _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
         Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
         if STORE_CKPT and (c % CK == 0):
                 tl.store(k_ptrs + (c // CK) * s_kc, h, mask=sm4)
 
@@ -205,18 +217,49 @@ def _ssm_fwd_kernel(
         # fold the carried state into the first step: h_0 = dA_0 h_prev + dBu_0
         dBu = tl.where(t5 == 0, dBu + dA * h[None, :, :, :, :], dBu)
         _, hh = tl.associative_scan((dA, dBu), 0, _affine_combine)
-        y = _sum_n(hh * Ct)
         h = _pick_step(hh, t5 == BL - 1)
+        if STORE_DSUM:
+            dsum += tl.sum(dt, axis=0)  # masked steps hold delta' = 0
 
-        if HAS_D:
-            y += Dv3 * u
-        if HAS_Z:
-            zv = tl.load(z_ptrs + l0 * s_zl, mask=tm3, other=0.0).to(tl.float32)
-            y = y * zv * _sigmoid(zv)
-        tl.store(o_ptrs + l0 * s_ol, y, mask=tm3)
+        if STORE_OUT:
+            Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
+            y = _sum_n(hh * Ct)
+            if HAS_D:
+                y += Dv3 * u
+            if HAS_Z:
+                zv = tl.load(z_ptrs + l0 * s_zl, mask=tm3, other=0.0).to(tl.float32)
+                y = y * zv * _sigmoid(zv)
+            tl.store(o_ptrs + l0 * s_ol, y, mask=tm3)
 
     if STORE_LAST:
-        tl.store(last_ptr + b * s_hb + d4 * s_hd + n4 * s_hn, h, mask=sm4)
+        tl.store(last_ptr + b * s_hb + seg * s_hs + d4 * s_hd + n4 * s_hn, h, mask=sm4)
+    if STORE_DSUM:
+        d2 = d0 + tl.arange(0, DW)[:, None] * DL + tl.arange(0, DL)[None, :]
+        tl.store(dsum_ptr + b * s_sb + seg * s_ss + d2, dsum, mask=d2 < d_hi)
+
+
+@triton.jit
+def _seg_combine_kernel(last_ptr, dsum_ptr, A_ptr, h0_ptr, start_ptr, final_ptr,
+                        S, DN, N, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass of the segment-parallel forward, for one batch row and BLOCK (d, n) pairs:
+    start_s = exp(A sum(delta' over segment s-1)) start_{s-1} + local_{s-1}, start_0 = h0,
+    where local_s is segment s's final state from a zero start. Also writes the sequence's
+    final state. last/start: (B, S, D, N), dsum: (B, S, D), h0/final: (B, D, N), contiguous."""
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < DN
+    d = i // N
+    a = tl.load(A_ptr + i, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_H0:
+        h = tl.load(h0_ptr + b * DN + i, mask=m, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(S):
+        tl.store(start_ptr + (b * S + s) * DN + i, h, mask=m)
+        ds = tl.load(dsum_ptr + (b * S + s) * (DN // N) + d, mask=m, other=0.0)
+        loc = tl.load(last_ptr + (b * S + s) * DN + i, mask=m, other=0.0)
+        h = tl.exp2(a * ds) * h + loc
+    tl.store(final_ptr + b * DN + i, h, mask=m)
 
 
 @triton.jit
@@ -551,40 +594,97 @@ def _grid(bsz: int, dim: int, groups: int, cfg: ScanConfig) -> tuple[tuple[int, 
     return (groups * n_blk_g, bsz), n_blk_g
 
 
-def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
-         cfg: ScanConfig):
+# Segment-parallel forward: below this many programs per SM the sequential walk over time
+# leaves the GPU idle (batch 1, D 512: 4 programs for 132 SMs; KERNEL_NOTES, run 3), so the
+# sequence is cut into segments scanned in parallel. Segments are at least MIN_SEG_STEPS long.
+PROGRAMS_PER_SM = 4
+MIN_SEG_STEPS = 256
+
+
+def pick_segments(bsz: int, dim: int, groups: int, length: int, cfg: ScanConfig,
+                  device: torch.device) -> int:
+    """How many time segments the forward runs in parallel (1 = the plain single pass)."""
+    if device.type != "cuda":
+        return 1
+    n_prog = _grid(bsz, dim, groups, cfg)[0][0] * bsz
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = _cdiv(PROGRAMS_PER_SM * sms, n_prog)
+    return max(1, min(want, length // MIN_SEG_STEPS))
+
+
+def _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, h0, out, last, ckpt, dsum, segments,
+                seg_len, softplus, cfg: ScanConfig, store_out: bool):
     bsz, dim, length = u.shape
-    groups, dstate = Bg.shape[1], A.shape[1]
-    grid, n_blk_g = _grid(bsz, dim, groups, cfg)
-    # A as (N, D), channel-contiguous: its load then fixes the layout of the work tiles
-    # (see docs/KERNEL_NOTES.md, v2); a (D, N) load made Triton put states on the lanes
-    At = A.t().contiguous()
-    out = torch.empty_like(u)
-    last = torch.empty(bsz, dim, dstate, device=u.device, dtype=torch.float32) if store_last \
-        else None
-    n_ck = _cdiv(_cdiv(length, cfg.BL), cfg.CK) if store_ckpt else 0
-    ckpt = torch.empty(bsz, n_ck, dstate, dim, device=u.device, dtype=torch.float32) \
-        if store_ckpt else None
+    groups, dstate = Bg.shape[1], At.shape[0]
+    (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg)
     dummy = u  # never read when the matching flag is off
-    hs = h0 if h0 is not None else (last if last is not None else None)
+    hs = h0 if h0 is not None else last
+    if hs is None:
+        h_strides = (0, 0, 0, 0)
+    elif hs.dim() == 4:  # (B, S, D, N): one state per segment
+        h_strides = hs.stride()
+    else:
+        h_strides = (hs.stride(0), 0, hs.stride(1), hs.stride(2))
     zs = z if z is not None else u
+    os_ = out if out is not None else u
     ks = ckpt if ckpt is not None else torch.empty(1, 1, 1, device=u.device)
-    _ssm_fwd_kernel[grid](
+    _ssm_fwd_kernel[(gx, bsz, segments)](
         u, delta, At, Bg, Cg,
         D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
         h0 if h0 is not None else dummy,
-        out, last if last is not None else dummy, ks,
-        length, dstate, dim // groups, n_blk_g,
+        out if out is not None else dummy, last if last is not None else dummy, ks,
+        dsum if dsum is not None else dummy,
+        length, dstate, dim // groups, n_blk_g, seg_len,
         *u.stride(), *delta.stride(), At.stride(1), At.stride(0), *Bg.stride(), *Cg.stride(), *zs.stride(),
-        *out.stride(),
-        *(hs.stride() if hs is not None else (0, 0, 0)),
+        *os_.stride(),
+        *h_strides,
         ks.stride(0), ks.stride(1), ks.stride(2),
+        *(dsum.stride()[:2] if dsum is not None else (0, 0)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, STORE_LAST=store_last,
-        STORE_CKPT=store_ckpt, FAST=_fast_math(), num_warps=cfg.num_warps, **cfg.meta(),
+        SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, STORE_LAST=last is not None,
+        STORE_CKPT=ckpt is not None, STORE_OUT=store_out, STORE_DSUM=dsum is not None,
+        FAST=_fast_math(), num_warps=cfg.num_warps, **cfg.meta(),
     )
-    return out, last, ckpt
+
+
+def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
+         cfg: ScanConfig, segments: int = 1):
+    """Forward launches. ``segments`` > 1: three passes (local final states and delta sums per
+    segment; the sequential combination of those S states, a tiny kernel; the full forward of
+    every segment from its true start state). Same results as one pass up to fp32 rounding
+    (the start states are composed in another order)."""
+    bsz, dim, length = u.shape
+    dstate = A.shape[1]
+    # A as (N, D), channel-contiguous: its load then fixes the layout of the work tiles
+    # (see docs/KERNEL_NOTES.md, v2); a (D, N) load made Triton put states on the lanes
+    At = A.t().contiguous()
+    f32 = torch.float32
+    dev = u.device
+    out = torch.empty_like(u)
+    n_ck = _cdiv(_cdiv(length, cfg.BL), cfg.CK) if store_ckpt else 0
+    ckpt = torch.empty(bsz, n_ck, dstate, dim, device=dev, dtype=f32) if store_ckpt else None
+    step = cfg.BL * cfg.CK  # segments start on checkpoint boundaries
+    seg_len = _cdiv(_cdiv(length, max(1, segments)), step) * step
+    segments = _cdiv(length, seg_len) if segments > 1 else 1
+    if segments == 1:
+        last = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if store_last else None
+        _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, h0, out, last, ckpt, None, 1, length,
+                    softplus, cfg, True)
+        return out, last, ckpt
+    local = torch.empty(bsz, segments, dim, dstate, device=dev, dtype=f32)
+    dsum = torch.empty(bsz, segments, dim, device=dev, dtype=f32)
+    _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, None, None, local, None, dsum, segments,
+                seg_len, softplus, cfg, False)
+    start = torch.empty_like(local)
+    final = torch.empty(bsz, dim, dstate, device=dev, dtype=f32)
+    block = 256
+    _seg_combine_kernel[(_cdiv(dim * dstate, block), bsz)](
+        local, dsum, A.contiguous(), h0 if h0 is not None else local, start, final,
+        segments, dim * dstate, dstate, HAS_H0=h0 is not None, BLOCK=block)
+    _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, start, out, None, ckpt, None, segments,
+                seg_len, softplus, cfg, True)
+    return out, (final if store_last else None), ckpt
 
 
 def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
@@ -642,7 +742,7 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
-                return_last_state, need_grad, cfg_f, cfg_b):  # type: ignore[override]
+                return_last_state, need_grad, cfg_f, cfg_b, segments):  # type: ignore[override]
         Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
         u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
         Bg, Cg = _prep_bc(Bg), _prep_bc(Cg)
@@ -651,7 +751,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         cfg_b = ScanConfig(cfg_f.BL, cfg_b.NI, cfg_b.NL, cfg_b.DW, cfg_b.DL, cfg_f.CK,
                            cfg_b.num_warps)
         out, last, ckpt = _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus,
-                               return_last_state, need_grad, cfg_f)
+                               return_last_state, need_grad, cfg_f, segments)
         if need_grad:
             ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt)
             ctx.softplus = softplus
@@ -686,7 +786,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             dbias = dbias.to(delta_bias.dtype)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
-        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None)
+        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None)
 
 
 def selective_scan_triton(
@@ -704,6 +804,7 @@ def selective_scan_triton(
     initial_state: Tensor | None = None,
     block_l: int | None = None,
     chunks_per_ckpt: int | None = None,
+    segments: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused selective scan (SPEC section 1, mamba-ssm ``selective_scan_ref`` semantics).
 
@@ -711,7 +812,9 @@ def selective_scan_triton(
     D, delta_bias: (D,); initial_state: (B, D, N). Returns out (B, D, L) in ``u.dtype``, or
     (out, last_state (B, D, N) fp32). Differentiable in every tensor argument. Runs on CUDA,
     or on CPU under ``TRITON_INTERPRET=1`` (slow; tests only). ``block_l`` (power of 2) and
-    ``chunks_per_ckpt`` override the tile length and checkpoint spacing.
+    ``chunks_per_ckpt`` override the tile length and checkpoint spacing. ``segments``: time
+    segments the forward scans in parallel (None: :func:`pick_segments`, more than one only
+    when batch x channels leave the GPU's SMs idle; the backward is unchanged).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -722,6 +825,8 @@ def selective_scan_triton(
     dg = u.shape[1] // groups
     cfg_f = pick_config(dstate, dg, False, block_l, chunks_per_ckpt)
     cfg_b = pick_config(dstate, dg, True, block_l, chunks_per_ckpt)
+    if segments is None:
+        segments = pick_segments(u.shape[0], u.shape[1], groups, u.shape[2], cfg_f, u.device)
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                   bool(delta_softplus), bool(return_last_state), need_grad,
-                                  cfg_f, cfg_b)
+                                  cfg_f, cfg_b, max(1, int(segments)))
