@@ -66,6 +66,7 @@ class BenchSettings:
     scan_backend: str | None = None  # None: the dispatcher's choice
     threads: int = 0  # torch CPU threads; 0 = torch's default
     seed: int = 0
+    cuda_graphs: bool = False  # inference on CUDA: capture one forward in a CUDA graph, time replays
 
 
 def split_length(total: int) -> dict[str, int]:
@@ -176,6 +177,10 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
             loss.backward()
             opt.step()
 
+        if cuda and s.cuda_graphs and s.mode == "inference":
+            step, rec["cuda_graph"], note = _graphed(step, device)
+            if note:
+                rec["note"] = note
         if cuda:
             torch.cuda.synchronize(device)
         else:
@@ -220,6 +225,28 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
         if cuda:
             torch.cuda.empty_cache()
     return rec
+
+
+def _graphed(step, device):
+    """(replay, True, None) for ``step`` captured in a CUDA graph (fixed inputs and shapes, so
+    one capture serves every timed call), or (step, False, why) when the forward cannot be
+    captured (a host sync or a data-dependent shape, as in the baselines' padding packing)."""
+    import torch
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture stream (lazy init, Triton compiles)
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:  # noqa: BLE001 - any capture failure means "run it eagerly"
+        torch.cuda.synchronize(device)
+        return step, False, f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager"
+    return graph.replay, True, None
 
 
 def measure_point_subprocess(model_name: str, length: int, s: BenchSettings,
@@ -343,6 +370,7 @@ def run_bench(settings: BenchSettings, models: list[str], lengths: list[int], is
         "repeats": settings.repeats,
         "warmup": settings.warmup,
         "scan_backend": settings.scan_backend,
+        "cuda_graphs": settings.cuda_graphs,
         "threads": settings.threads or torch.get_num_threads(),
         "token_split": "text:audio:vision = 50:375:500 (MOSI unaligned)",
         "memory_method": method,
@@ -437,6 +465,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--scan-backend", dest="scan_backend", help="force a Mamba scan backend (default: auto)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true",
+                   help="inference on cuda: time replays of a CUDA graph of the forward (every model; one "
+                        "that cannot be captured runs eagerly and says so in the JSON 'note')")
     p.add_argument("--in-process", dest="in_process", action="store_true",
                    help="on cpu, measure in this process (faster; memory then a lower bound)")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -471,7 +502,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise ConfigError(f"--warmup: must be >= 0, got {a.warmup}")
     s = BenchSettings(device=device, dtype=a.dtype or ("bf16" if device == "cuda" else "fp32"), mode=a.mode,
                       batch=a.batch, d_model=a.d_model, layers=a.layers, repeats=a.repeats, warmup=a.warmup,
-                      scan_backend=a.scan_backend, threads=a.threads)
+                      scan_backend=a.scan_backend, threads=a.threads, cuda_graphs=a.cuda_graphs)
     print(f"bench on {device_name(device)}: {s.mode}, {s.dtype}, batch {s.batch}, d {s.d_model}, "
           f"{s.layers} layers, lengths {lengths}, load average {_load_average()}", flush=True)
     report = run_bench(s, models, lengths, isolate=False if a.in_process else None,
