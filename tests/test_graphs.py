@@ -173,7 +173,8 @@ def test_graphed_step_runs_eagerly_off_cuda(ds):
 
 TINY = ["data.synthetic_n_train=52", "data.synthetic_n_valid=20", "data.synthetic_n_test=12",
         "model.d_model=16", "model.n_layers=1", "model.d_state=4", "data.batch_size=16",
-        "data.eval_batch_size=8", "train.quiet=true", "train.patience=50"]
+        "data.eval_batch_size=8", "train.quiet=true", "train.patience=50",
+        "train.device=cpu"]  # also on a GPU machine (the CUDA test below overrides it)
 
 
 def _tiny_cfg(tmp_path, *extra: str):
