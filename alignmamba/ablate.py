@@ -87,13 +87,21 @@ def _config_matches(cfg, directory: Path, ignore: tuple[str, ...] = ()) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     new = to_dict(cfg)
-    old_train = {k: v for k, v in old.get("train", {}).items() if k not in ignore}
-    new_train = {k: v for k, v in new["train"].items() if k not in ignore}
-    # run_experiment stores the model section after fitting it to the data (input widths,
-    # modality order); compare everything else exactly and the model's own choices key by key.
-    same = old_train == new_train and all(old.get(k) == new[k] for k in new if k not in ("model", "train"))
-    return same and all(old.get("model", {}).get(k) == v for k, v in new["model"].items()
-                        if k not in ("input_dims", "modalities", "interleave_order"))
+    # A key the old file lacks (written before that option existed) counts as its default.
+    defaults = to_dict(type(cfg)())
+    skip = {"train": set(ignore), "model": {"input_dims", "modalities", "interleave_order"}}
+    for section, values in new.items():
+        if not isinstance(values, dict):
+            if old.get(section) != values:
+                return False
+            continue
+        before, dflt = old.get(section, {}), defaults.get(section, {})
+        # run_experiment stores the model section after fitting it to the data (input widths,
+        # modality order): those keys are not choices of the run
+        for k, v in values.items():
+            if k not in skip.get(section, ()) and before.get(k, dflt.get(k)) != v:
+                return False
+    return True
 
 
 def _reusable(cfg, directory: Path) -> dict[str, Any] | None:

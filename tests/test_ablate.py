@@ -139,3 +139,17 @@ def test_jobs_failure_is_reported(tmp_path, capsys):
 def test_jobs_must_be_positive(tmp_path, capsys):
     assert main(["ablate", "--out", str(tmp_path), "--jobs", "0"]) == 2
     assert "--jobs: must be >= 1" in capsys.readouterr().err
+
+
+def test_resume_treats_keys_missing_from_an_old_config_as_defaults(tmp_path):
+    """A run directory written before an option existed still matches when the option is at its default."""
+    base = resolve_config("synthetic", None, TINY, seeds=[1], epochs=1)
+    cfg = ablate.variant_config(base, "alignmamba", tmp_path)
+    from alignmamba.config import to_dict
+    d = to_dict(cfg)
+    del d["train"]["cuda_graphs"]  # pretend a version without that option wrote it
+    (tmp_path / "alignmamba").mkdir()
+    (tmp_path / "alignmamba" / "config.json").write_text(json.dumps(d))
+    assert ablate._config_matches(cfg, tmp_path / "alignmamba")
+    cfg.train.cuda_graphs = True  # not the default any more: a different run
+    assert not ablate._config_matches(cfg, tmp_path / "alignmamba")
