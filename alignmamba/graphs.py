@@ -147,6 +147,10 @@ class StepLoss(nn.Module):
         self.modalities = list(modalities)
         self.loss_fn = loss_fn
         self.amp = amp
+        # set by GraphedTrainStep around the capture: the outputs of the last call, so that the
+        # captured forward's autograd graph can be released afterwards
+        self.keep_outputs = False
+        self.last_outputs: tuple[Tensor, Tensor] | None = None
 
     def flat(self, batch: dict[str, Any]) -> tuple[Tensor, ...]:
         """The forward's positional arguments from a batch dict."""
@@ -162,7 +166,10 @@ class StepLoss(nn.Module):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.amp and dev == "cuda",
                             cache_enabled=False):
             out = self.model(feats, masks)
-        return self.loss_fn(out.pred, label), out.align_loss.float()
+        res = (self.loss_fn(out.pred, label), out.align_loss.float())
+        if self.keep_outputs:
+            self.last_outputs = res
+        return res
 
 
 class GraphedTrainStep:
@@ -205,13 +212,38 @@ class GraphedTrainStep:
                 and (self.batch_size is None or label.shape[0] == self.batch_size))
 
     def capture(self, batch: dict[str, Any]) -> None:
-        """Capture the graphs on ``batch``'s shapes (its values are only used for warm-up)."""
+        """Capture the graphs on ``batch``'s shapes (its values are only used for warm-up).
+
+        No autograd graph over the model's parameters may be alive at this point (e.g. the
+        undetached loss of an earlier eager step): it keeps the parameters' ``AccumulateGrad``
+        nodes, created on the stream of that step, and when that is the default stream the
+        backward capture fails (cudaErrorStreamCaptureImplicit). train.py captures at the
+        first full batch of the run, before any other step.
+        """
         flat = self.eager.flat(batch)
         # the graph's static inputs: own buffers, refilled by copy at every replay
         sample = tuple(t.detach().clone() for t in flat)
         self._to_graph.train(self.model.training)
-        self._graphed = torch.cuda.make_graphed_callables(
-            self._to_graph, sample, num_warmup_iters=self.warmup_iters, allow_unused_input=True)
+        self._to_graph.keep_outputs = True
+        try:
+            self._graphed = torch.cuda.make_graphed_callables(
+                self._to_graph, sample, num_warmup_iters=self.warmup_iters, allow_unused_input=True)
+        except RuntimeError as e:
+            raise RuntimeError(
+                "GraphedTrainStep: CUDA graph capture failed. If an autograd graph of an earlier "
+                "step on these parameters is still referenced (an undetached loss), delete or "
+                f"detach it before the first graphed step. Cause: {e}") from e
+        finally:
+            static, self._to_graph.last_outputs = self._to_graph.last_outputs, None
+            self._to_graph.keep_outputs = False
+        # ``static`` are the captured forward's outputs, kept by make_graphed_callables: their
+        # autograd graph (already run by the backward capture, its saved tensors freed) would
+        # keep the parameters' AccumulateGrad nodes of the capture's side stream alive, and
+        # every later backward would pay a cross-stream sync per parameter ("The AccumulateGrad
+        # node's stream does not match ..."). Cut it: replays only read the tensors' values.
+        for t in static or ():
+            if t.grad_fn is not None and not t._is_view():
+                t.detach_()
         self._shapes = self._signature(flat)
 
     def __call__(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
