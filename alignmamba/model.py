@@ -281,12 +281,16 @@ class AlignMamba(PretrainedMixin, nn.Module):
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor] | None = None,
                 present: Tensor | None = None, return_plans: bool = False,
-                text_bert: Tensor | None = None) -> ModelOutput:
+                text_bert: Tensor | None = None, align_loss: bool | None = None) -> ModelOutput:
         """text_bert: (B, 3, T_text) token ids / attention mask / segment ids; required (and
-        only used) with ``text_encoder="bert"``, where it replaces ``features["text"]``."""
+        only used) with ``text_encoder="bert"``, where it replaces ``features["text"]``.
+        align_loss: compute L_align (eq. 8-10); None = in training mode only. It is a training
+        term (validation selects on the task loss), and at long inputs its kernel sums cost
+        more than the rest of the alignment; when skipped, ``ModelOutput.align_loss`` is 0."""
         cfg = self.config
         anchor = cfg.anchor
         bert = cfg.text_encoder == "bert"
+        want_align = self.training if align_loss is None else bool(align_loss)
         if bert and text_bert is None:
             raise AlignMambaError("model.text_encoder=bert: the batch has no 'text_bert' token ids (the data "
                                   "file must carry MMSA's text_bert; MulT pickles do not)")
@@ -331,7 +335,7 @@ class AlignMamba(PretrainedMixin, nn.Module):
                 x_al = torch.where(anc_present[:, None, None], x_al, resampled)
             if plan is not None:
                 plans[m] = plan
-            if cfg.use_mmd:
+            if cfg.use_mmd and want_align:
                 both = pres[m] & anc_present
                 mmd = al.mmd2(x_al, h[anchor], cfg.mmd_sigma, anc_mask, anc_mask, cfg.mmd_bandwidth)
                 align_terms.append(mmd * both.to(mmd.dtype))

@@ -88,14 +88,15 @@ def test_padding_does_not_change_outputs():
     model = AlignMamba(cfg).eval()
     lengths = {"text": [6, 9, 4], "audio": [20, 23, 11], "vision": [10, 17, 5]}
     feats, masks = make_inputs(cfg, lengths=lengths)
-    out1 = model(feats, masks)
+    out1 = model(feats, masks, align_loss=True)
+    assert out1.align_loss > 0
     # add more padding at the back filled with garbage
     feats2 = {m: torch.cat([x, 100 * torch.randn(x.shape[0], 5, x.shape[2])], 1) for m, x in feats.items()}
     masks2 = {m: torch.cat([k, torch.zeros(k.shape[0], 5, dtype=torch.bool)], 1) for m, k in masks.items()}
     # and garbage inside the existing padding
     for m in feats2:
         feats2[m][~masks2[m]] = 50.0
-    out2 = model(feats2, masks2)
+    out2 = model(feats2, masks2, align_loss=True)
     torch.testing.assert_close(out1.pred, out2.pred, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out1.align_loss, out2.align_loss, rtol=1e-5, atol=1e-6)
 
@@ -175,3 +176,19 @@ def test_config_validation():
         small_cfg(fusion="sideways")
     with pytest.raises(ConfigError, match="unknown model"):
         build_model(small_cfg(model="nope"))
+
+
+def test_align_loss_is_a_training_term():
+    """L_align is computed in training mode (or on request) and skipped in eval mode by default;
+    the prediction does not depend on it."""
+    cfg = small_cfg()
+    torch.manual_seed(2)
+    model = AlignMamba(cfg)
+    feats, masks = make_inputs(cfg)
+    assert model(feats, masks).align_loss > 0  # training mode
+    model.eval()
+    skipped = model(feats, masks)
+    asked = model(feats, masks, align_loss=True)
+    assert skipped.align_loss == 0 and asked.align_loss > 0
+    torch.testing.assert_close(skipped.pred, asked.pred, rtol=0, atol=0)
+    assert model.train()(feats, masks, align_loss=False).align_loss == 0
