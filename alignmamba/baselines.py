@@ -94,36 +94,45 @@ def _encode(model: nn.Module, features: dict[str, Tensor], masks: dict[str, Tens
     return h, out_masks
 
 
+def _no_padding(masks: dict[str, Tensor] | None, present: Tensor | None) -> bool:
+    """No masks and no missing modalities given: every token is real, known statically."""
+    return not masks and present is None
+
+
 def _finish(cfg: AlignMambaConfig, pred: Tensor) -> ModelOutput:
     pred = pred.squeeze(-1) if cfg.task == "regression" else pred
     return ModelOutput(pred=pred, align_loss=pred.new_zeros(()), plans=None)
 
 
 def _packed_sequence(cfg: AlignMambaConfig, h: dict[str, Tensor], masks: dict[str, Tensor],
-                     add: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+                     add: dict[str, Tensor], full: bool = False) -> tuple[Tensor, Tensor]:
     """Concatenate the modalities in ``cfg.interleave_order`` (the order of AlignMamba's fused
     sequence), add ``add[m]`` ((T_m, d) or (d,)) to real tokens, move valid tokens to the
-    front and cut the all-padding tail. -> (B, T, d), (B, T) with T = longest valid total."""
+    front and cut the all-padding tail. -> (B, T, d), (B, T) with T = longest valid total.
+    ``full``: the caller knows there is no padding (no host sync, capturable in a CUDA graph)."""
     xs, ms = [], []
     for m in cfg.interleave_order:
         mk = masks[m][..., None].to(h[m].dtype)
         xs.append((h[m] + add[m].to(h[m].dtype)) * mk)
         ms.append(masks[m])
+    if full:
+        return torch.cat(xs, 1), torch.cat(ms, 1)
     x, mask = pack_valid(torch.cat(xs, 1), torch.cat(ms, 1))
     # Padding-only columns at the back do no useful work; at least one column keeps shapes valid.
     n = max(1, int(mask.sum(1).max()))
     return x[:, :n], mask[:, :n]
 
 
-def _key_mask(mask: Tensor) -> tuple[Tensor | None, Tensor]:
-    """SDPA boolean mask (B, 1, 1, T) for keys, or None when nothing is padding.
+def _key_mask(mask: Tensor, full: bool = False) -> tuple[Tensor | None, Tensor]:
+    """SDPA boolean mask (B, 1, 1, T) for keys, or None when nothing is padding (``full``:
+    known without looking, so without a host sync).
 
     A sample without any valid key would make the softmax 0/0 = NaN; its keys are all
     switched on instead (its outputs are never used: pooling and the cross-modal gate
     drop them). Also returns ``has`` (B,): the sample has at least one valid token.
     """
     has = mask.any(1)
-    if bool(mask.all()):
+    if full or bool(mask.all()):
         return None, has  # no mask at all lets SDPA use the flash kernel
     safe = mask | ~has[:, None]
     return safe[:, None, None, :], has
@@ -224,12 +233,13 @@ class TransformerSingle(PretrainedMixin, nn.Module):
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor] | None = None,
                 present: Tensor | None = None, return_plans: bool = False) -> ModelOutput:
         cfg = self.config
+        full = _no_padding(masks, present)
         h, masks = _encode(self, features, masks, present)
         d = cfg.d_model
         add = {m: sinusoidal_positions(h[m].shape[1], d, h[m].device) + self.mod_emb[m][None, :]
                for m in cfg.modalities}
-        x, mask = _packed_sequence(cfg, h, masks, add)
-        attn_mask, _ = _key_mask(mask)
+        x, mask = _packed_sequence(cfg, h, masks, add, full)
+        attn_mask, _ = _key_mask(mask, full)
         for layer in self.layers:
             x = layer(x, attn_mask)
         x = self.norm(x)
@@ -267,10 +277,11 @@ class TransformerMulti(PretrainedMixin, nn.Module):
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor] | None = None,
                 present: Tensor | None = None, return_plans: bool = False) -> ModelOutput:
         cfg = self.config
+        full = _no_padding(masks, present)
         h, masks = _encode(self, features, masks, present)
         x = {m: (h[m] + sinusoidal_positions(h[m].shape[1], cfg.d_model, h[m].device, h[m].dtype))
              * masks[m][..., None].to(h[m].dtype) for m in cfg.modalities}
-        keys = {m: _key_mask(masks[m]) for m in cfg.modalities}
+        keys = {m: _key_mask(masks[m], full) for m in cfg.modalities}
         pooled = []
         for t in cfg.modalities:
             streams = []
@@ -320,8 +331,9 @@ class MambaSingle(PretrainedMixin, nn.Module):
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor] | None = None,
                 present: Tensor | None = None, return_plans: bool = False) -> ModelOutput:
         cfg = self.config
+        full = _no_padding(masks, present)
         h, masks = _encode(self, features, masks, present)
-        x, mask = _packed_sequence(cfg, h, masks, {m: self.mod_emb[m] for m in cfg.modalities})
+        x, mask = _packed_sequence(cfg, h, masks, {m: self.mod_emb[m] for m in cfg.modalities}, full)
         y = self.backbone(x, mask)
         return _finish(cfg, self.head(masked_pool(y, mask, cfg.pooling)))
 

@@ -186,3 +186,13 @@ def test_sinusoidal_positions():
 def test_heads_must_divide_width():
     with pytest.raises(ConfigError, match="n_heads"):
         build_model(make_cfg("transformer_single", n_heads=3))
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_no_masks_equals_all_valid_masks(name):
+    """masks=None (no padding, known statically: no host sync) gives the all-True-masks result."""
+    torch.manual_seed(0)
+    model = build_model(make_cfg(name)).eval()
+    feats, _ = make_batch(("text", "audio", "vision"))
+    full = {m: torch.ones(x.shape[:2], dtype=torch.bool) for m, x in feats.items()}
+    torch.testing.assert_close(model(feats, None).pred, model(feats, full).pred, rtol=1e-5, atol=1e-6)
