@@ -148,7 +148,7 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
     cuda = device.type == "cuda"
     if s.threads > 0:
         torch.set_num_threads(s.threads)
-    model = opt = feats = masks = None
+    model = opt = feats = masks = step = None
     try:
         torch.manual_seed(s.seed)
         model = _build(model_name, s).to(device)
@@ -180,8 +180,13 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
             loss.backward()
             opt.step()
 
+        graphed = False
         if cuda and s.cuda_graphs and s.mode == "inference":
-            step, rec["cuda_graph"], note = _graphed(step, device)
+            # the replays allocate nothing: the peak is that of the warm-up and the capture
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step, graphed, note = _graphed(step, device)
+            rec["cuda_graph"] = graphed
             if note:
                 rec["note"] = note
         if cuda:
@@ -200,7 +205,8 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
         times: list[float] = []
         if cuda:
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            if not graphed:
+                torch.cuda.reset_peak_memory_stats(device)
             for _ in range(s.repeats):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -223,7 +229,7 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
         rec["status"] = "oom"
     finally:
         # drop the references before freeing the cache, so an OOM point leaves the device clean
-        model = opt = feats = masks = None
+        model = opt = feats = masks = step = None  # step may hold a CUDA graph and its memory pool
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

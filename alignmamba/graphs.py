@@ -149,8 +149,6 @@ class StepLoss(nn.Module):
         self.amp = amp
         # set by GraphedTrainStep around the capture: the outputs of the last call, so that the
         # captured forward's autograd graph can be released afterwards
-        self.keep_outputs = False
-        self.last_outputs: tuple[Tensor, Tensor] | None = None
 
     def flat(self, batch: dict[str, Any]) -> tuple[Tensor, ...]:
         """The forward's positional arguments from a batch dict."""
@@ -166,10 +164,7 @@ class StepLoss(nn.Module):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.amp and dev == "cuda",
                             cache_enabled=False):
             out = self.model(feats, masks)
-        res = (self.loss_fn(out.pred, label), out.align_loss.float())
-        if self.keep_outputs:
-            self.last_outputs = res
-        return res
+        return self.loss_fn(out.pred, label), out.align_loss.float()
 
 
 class GraphedTrainStep:
@@ -224,7 +219,6 @@ class GraphedTrainStep:
         # the graph's static inputs: own buffers, refilled by copy at every replay
         sample = tuple(t.detach().clone() for t in flat)
         self._to_graph.train(self.model.training)
-        self._to_graph.keep_outputs = True
         try:
             self._graphed = torch.cuda.make_graphed_callables(
                 self._to_graph, sample, num_warmup_iters=self.warmup_iters, allow_unused_input=True)
@@ -233,17 +227,6 @@ class GraphedTrainStep:
                 "GraphedTrainStep: CUDA graph capture failed. If an autograd graph of an earlier "
                 "step on these parameters is still referenced (an undetached loss), delete or "
                 f"detach it before the first graphed step. Cause: {e}") from e
-        finally:
-            static, self._to_graph.last_outputs = self._to_graph.last_outputs, None
-            self._to_graph.keep_outputs = False
-        # ``static`` are the captured forward's outputs, kept by make_graphed_callables: their
-        # autograd graph (already run by the backward capture, its saved tensors freed) would
-        # keep the parameters' AccumulateGrad nodes of the capture's side stream alive, and
-        # every later backward would pay a cross-stream sync per parameter ("The AccumulateGrad
-        # node's stream does not match ..."). Cut it: replays only read the tensors' values.
-        for t in static or ():
-            if t.grad_fn is not None and not t._is_view():
-                t.detach_()
         self._shapes = self._signature(flat)
 
     def __call__(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
