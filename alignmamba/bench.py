@@ -333,13 +333,16 @@ def run_bench(settings: BenchSettings, models: list[str], lengths: list[int], is
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every (length, model) point; returns the report dict written as JSON.
 
-    ``isolate`` (default: True on the CPU, False on CUDA) runs each point in a fresh
-    subprocess; CUDA needs no isolation because its allocator peak is reset per point.
+    ``isolate`` (default: True on the CPU and with CUDA graphs, False otherwise on CUDA) runs
+    each point in a fresh subprocess; eager CUDA needs no isolation because its allocator peak
+    is reset per point.
     """
     import torch
 
     if isolate is None:
-        isolate = settings.device == "cpu"
+        # CUDA graphs keep private memory pools that are not handed back inside one process:
+        # without a fresh process per point their memory would pile up from point to point
+        isolate = settings.device == "cpu" or settings.cuda_graphs
     load_before = _load_average()
     results: list[dict[str, Any]] = []
     oom_at: dict[str, int] = {}
