@@ -141,7 +141,7 @@ class AlignMambaConfig:
 @dataclass
 class ModelOutput:
     pred: Tensor  # (B,) regression score or (B, C) logits
-    align_loss: Tensor  # scalar, lambda * mean_b L_align (0 when unused)
+    align_loss: Tensor  # scalar, lambda * sum_src mean_b MMD^2 over samples with both present (0 when unused)
     plans: dict[str, Tensor] | None = None  # source name -> (B, T_src, T_anchor) transport plan
 
 
@@ -197,7 +197,10 @@ def masked_pool(x: Tensor, mask: Tensor, how: str) -> Tensor:
     if how == "max":
         out = x.masked_fill(~mask[..., None], float("-inf")).amax(1)
         return torch.where(mask.any(1, keepdim=True), out, torch.zeros_like(out))
-    last = (mask.sum(1) - 1).clamp(min=0)  # "last": the final valid token (causal summary)
+    # "last": the final valid token (causal summary). The index of the last True, not
+    # ``mask.sum(1) - 1``: token-level missing modalities leave holes in the mask.
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    last = (pos * mask.to(pos.dtype)).amax(1)  # (B,); 0 for a sample with no valid token
     return x[torch.arange(x.shape[0], device=x.device), last] * mask.any(1, keepdim=True).to(x.dtype)
 
 
@@ -338,7 +341,11 @@ class AlignMamba(PretrainedMixin, nn.Module):
             if cfg.use_mmd and want_align:
                 both = pres[m] & anc_present
                 mmd = al.mmd2(x_al, h[anchor], cfg.mmd_sigma, anc_mask, anc_mask, cfg.mmd_bandwidth)
-                align_terms.append(mmd * both.to(mmd.dtype))
+                # mean over the samples where this term is defined (source and anchor present):
+                # averaging over the whole batch would shrink L_align with the missing rate.
+                # The clamp, not a Python ``if``, keeps it sync-free (CUDA-graph capturable).
+                w = both.to(mmd.dtype)
+                align_terms.append((mmd * w).sum() / w.sum().clamp(min=1.0))
             # absent source: the missing token at every valid anchor position
             fill = self.missing[m].to(x_al.dtype).expand_as(x_al)
             x_al = torch.where(pres[m][:, None, None], x_al, fill) * anc_mask[..., None].to(x_al.dtype)
@@ -358,7 +365,7 @@ class AlignMamba(PretrainedMixin, nn.Module):
         pred = self.head(masked_pool(fused, m_mm, cfg.pooling))
         pred = pred.squeeze(-1) if cfg.task == "regression" else pred
         if align_terms:
-            align_loss = cfg.align_lambda * torch.stack(align_terms, 0).sum(0).mean()
+            align_loss = cfg.align_lambda * torch.stack(align_terms, 0).sum()
         else:
             align_loss = pred.new_zeros(())
         return ModelOutput(pred=pred, align_loss=align_loss, plans=plans if return_plans else None)

@@ -549,3 +549,53 @@ def test_cli_evaluate_missing_rates(tmp_path, capsys):
         == 2
     )
     assert "--missing-rates" in capsys.readouterr().err
+
+
+def test_align_loss_is_the_mean_over_samples_where_each_term_is_defined(monkeypatch):
+    """L_align with absent modalities: each source's MMD^2 is averaged over the samples that
+    have both it and the anchor (not over the whole batch, which would shrink the regulariser
+    with the missing rate); no defined sample gives 0 for that source."""
+    from alignmamba import alignment as al
+    seen: list[torch.Tensor] = []
+    real = al.mmd2
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out.detach().clone())
+        return out
+    monkeypatch.setattr(al, "mmd2", spy)
+    cfg = _cfg(align_lambda=0.6)
+    torch.manual_seed(1)
+    model = AlignMamba(cfg).eval()
+    batch = _batch(b=6, seed=3)
+    # columns text (anchor), audio, vision
+    present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        complete = model(batch["features"], batch["masks"], align_loss=True).align_loss
+        mmd_full = list(seen)
+        seen.clear()
+        got = model(batch["features"], batch["masks"], present=present, align_loss=True).align_loss
+    assert len(seen) == 2
+    want = 0.0
+    for i, m in enumerate(("audio", "vision")):
+        rows = [b for b in range(6) if present[b, 0] and present[b, i + 1]]
+        # the defined terms are those of the complete batch (OT to a present anchor is unchanged)
+        torch.testing.assert_close(seen[i][rows], mmd_full[i][rows])
+        want += sum(float(seen[i][b]) for b in rows) / len(rows)
+    want *= cfg.align_lambda
+    assert abs(float(got) - want) < 1e-5 * max(1.0, want)
+    # the batch-wide mean (the former formula) would be half of it: each source is defined
+    # for 3 of the 6 samples
+    old = cfg.align_lambda * float(sum((s * w).mean() for s, w in zip(
+        seen, (present[:, 0] & present[:, 1], present[:, 0] & present[:, 2]))))
+    assert want > 0 and abs(old - 0.5 * want) < 1e-5 * max(1.0, want)
+    assert float(complete) > 0
+    # no sample with the anchor and vision: that source contributes 0, not NaN
+    seen.clear()
+    none_v = present.clone()
+    none_v[:, 2] = False
+    with torch.no_grad():
+        only_audio = model(batch["features"], batch["masks"], present=none_v, align_loss=True).align_loss
+    rows = [b for b in range(6) if none_v[b, 0] and none_v[b, 1]]
+    assert torch.isfinite(only_audio)
+    assert abs(float(only_audio) - cfg.align_lambda * float(seen[0][rows].mean())) < 1e-5

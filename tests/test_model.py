@@ -192,3 +192,56 @@ def test_align_loss_is_a_training_term():
     assert skipped.align_loss == 0 and asked.align_loss > 0
     torch.testing.assert_close(skipped.pred, asked.pred, rtol=0, atol=0)
     assert model.train()(feats, masks, align_loss=False).align_loss == 0
+
+
+def _record_mmd(monkeypatch) -> list[torch.Tensor]:
+    """Spy on alignment.mmd2: the per-sample (B,) MMD^2 vectors the forward computes, in order."""
+    from alignmamba import alignment as al
+    seen: list[torch.Tensor] = []
+    real = al.mmd2
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out.detach().clone())
+        return out
+    monkeypatch.setattr(al, "mmd2", spy)
+    return seen
+
+
+def test_masked_pool_last_takes_the_last_valid_token_of_a_holed_mask():
+    from alignmamba.model import masked_pool
+    g = torch.Generator().manual_seed(3)
+    B, T, d = 7, 10, 4
+    x = torch.randn(B, T, d, generator=g) + 0.5
+    mask = torch.rand(B, T, generator=g) < 0.5
+    mask[0] = False  # no valid token -> zeros
+    mask[1] = torch.tensor([1, 0, 0, 1, 0, 1, 0, 0, 0, 0], dtype=torch.bool)  # holes before the end
+    mask[2, -1] = True  # last position valid
+    want = torch.zeros(B, d)
+    for b in range(B):
+        idx = [t for t in range(T) if mask[b, t]]
+        if idx:
+            want[b] = x[b, idx[-1]]
+    got = masked_pool(x, mask, "last")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got[0].abs().sum() == 0 and got[1].abs().sum() > 0
+    # the old index (count - 1) would have picked another token for the holed row
+    assert not torch.equal(x[1, int(mask[1].sum()) - 1], want[1])
+
+
+def test_align_loss_on_complete_data_is_lambda_times_batch_mean_of_summed_mmd(monkeypatch):
+    """Every modality present (no ``present`` and an all-True one): the per-source means over
+    the defined samples reduce to the former lambda * mean_b sum_src MMD^2."""
+    cfg = small_cfg(align_lambda=0.37)
+    torch.manual_seed(5)
+    model = AlignMamba(cfg).eval()
+    feats, masks = make_inputs(cfg, B=4, seed=7)
+    seen = _record_mmd(monkeypatch)
+    with torch.no_grad():
+        got = model(feats, masks, align_loss=True).align_loss
+        assert len(seen) == 2 and all(s.shape == (4,) and (s > 0).all() for s in seen)
+        old = cfg.align_lambda * torch.stack(seen, 0).sum(0).mean()
+        torch.testing.assert_close(got, old)
+        seen.clear()
+        full = model(feats, masks, present=torch.ones(4, 3, dtype=torch.bool), align_loss=True).align_loss
+    torch.testing.assert_close(full, got)
