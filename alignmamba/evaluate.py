@@ -77,6 +77,7 @@ def plot_plan(a: argparse.Namespace) -> None:
     except ImportError:
         raise AlignMambaError("plot-plan needs matplotlib: pip install matplotlib") from None
     from .data.dataset import SplitDataset, collate
+    from .train import _uses_bert, forward_batch
 
     model, mcfg, exp, ds, dev = load_for_checkpoint(a.checkpoint, a.data, "cpu")
     if mcfg.model != "alignmamba":
@@ -90,10 +91,18 @@ def plot_plan(a: argparse.Namespace) -> None:
     batch = collate([SplitDataset(split, task=mcfg.task, num_classes=mcfg.num_classes)[a.index]])
     model.eval()
     with torch.no_grad():
-        out = model(batch["features"], batch["masks"], return_plans=True)
+        out = forward_batch(model, batch, return_plans=True)  # passes text_bert to a BERT model
     if not out.plans:
         raise AlignMambaError(f"--checkpoint: this model was trained without OT alignment (use_ot=false)")
-    n_anchor = int(batch["masks"][mcfg.anchor][0].sum())
+
+    def n_valid(m: str) -> int:
+        """Valid tokens of sample 0 for modality m, as the model counts them."""
+        mk = batch["masks"][m][0]
+        if m == "text" and _uses_bert(model):  # BERT text: the attention row of text_bert as well
+            mk = mk & (batch["text_bert"][0, 1] != 0)
+        return int(mk.sum())
+
+    n_anchor = n_valid(mcfg.anchor)
     words = None
     if split.raw_text is not None:
         toks = str(split.raw_text[a.index]).split()
@@ -105,7 +114,7 @@ def plot_plan(a: argparse.Namespace) -> None:
     fig, axes = plt.subplots(len(out.plans), 1, figsize=(max(6, n_anchor * 0.28), 3.2 * len(out.plans)),
                              squeeze=False)
     for ax, (m, plan) in zip(axes[:, 0], out.plans.items()):
-        n_src = int(batch["masks"][m][0].sum())
+        n_src = n_valid(m)
         p = plan[0, :n_src, :n_anchor].T.numpy()
         im = ax.imshow(p, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_title(f"{m} -> {mcfg.anchor} transport plan (sample {a.index}, label {float(split.labels[a.index]):+.2f})")

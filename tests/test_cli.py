@@ -150,3 +150,29 @@ def test_usage_errors_exit_2(run, tmp_path):
     rc, _, err = cli("train", "--data", run["file"], "--out", tmp_path / "r", "--set", "model.d_modle=3")
     assert rc == 2 and err.count("\n") == 1 and "d_modle" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_plot_plan_with_a_bert_checkpoint(run, tmp_path):
+    """A checkpoint with the BERT text encoder: plot-plan feeds the batch's text_bert ids."""
+    transformers = pytest.importorskip("transformers")
+    from alignmamba.data.synthetic import SEP_ID, VOCAB, WORD_ID_OFFSET
+    from alignmamba.model import AlignMamba, AlignMambaConfig
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    bcfg = transformers.BertConfig(vocab_size=max(SEP_ID, WORD_ID_OFFSET + len(VOCAB)) + 11, hidden_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   max_position_embeddings=64)
+    with contextlib.redirect_stderr(io.StringIO()):
+        transformers.BertModel(bcfg).save_pretrained(str(tmp_path / "bert"))
+    cfg = AlignMambaConfig(input_dims={"text": 768, "audio": 5, "vision": 20}, d_model=16, n_layers=1, d_state=4,
+                           text_encoder="bert", bert_path=str(tmp_path / "bert"))
+    AlignMamba(cfg).save_pretrained(tmp_path / "ckpt")
+    png = tmp_path / "b.png"
+    rc, out, err = cli("plot-plan", "--checkpoint", tmp_path / "ckpt", "--data", run["file"], "--index", "1",
+                       "--out", png)
+    torch.set_num_threads(threads)
+    assert rc == 0, err
+    assert out.strip() == f"wrote {png}"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
