@@ -188,7 +188,7 @@ def run_jobs(tasks: list[tuple[str, Path, int]], jobs: int, device: str, resume:
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(gpus[started % len(gpus)])
                 started += 1
-                fh = open(directory / f"seed_{seed}.log", "w", encoding="utf-8")
+                fh = open(directory / f"seed_{seed}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
                 cmd = [sys.executable, "-c", code, str(directory), str(seed), *(["--resume"] if resume else [])]
                 proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
                 running.append((proc, name, seed, fh))

@@ -29,14 +29,14 @@ from torch import Tensor
 
 __all__ = [
     "cosine_cost",
-    "relaxed_ot_plan",
-    "relaxed_ot_assign",
-    "relaxed_ot_align",
-    "plan_from_assignment",
-    "sinkhorn_plan",
-    "resample_to",
     "mmd2",
     "mmd2_dense",
+    "plan_from_assignment",
+    "relaxed_ot_align",
+    "relaxed_ot_assign",
+    "relaxed_ot_plan",
+    "resample_to",
+    "sinkhorn_plan",
 ]
 
 # Tiles of the linear-memory paths. ``tile=None`` (the default) sizes them from a fixed

@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from alignmamba import alignment as al  # noqa: E402
-from alignmamba.bench import BenchSettings, _build, split_length, WIDTHS  # noqa: E402
+from alignmamba import alignment as al
+from alignmamba.bench import WIDTHS, BenchSettings, _build, split_length
 
 
 def stage_times(model, feats, masks, reps: int = 5) -> dict[str, float]:

@@ -16,9 +16,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_scan import byte_counts, copy_bandwidth, make_inputs, median_ms  # noqa: E402
+from bench_scan import byte_counts, copy_bandwidth, make_inputs, median_ms
 
-from alignmamba.ssm import triton_scan as ts  # noqa: E402
+from alignmamba.ssm import triton_scan as ts
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         cfg = ts.pick_config(16, dim)
         auto = ts.pick_segments(bsz, dim, 1, length, cfg, x["u"].device)
         for seg in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64):
-            def fwd(seg=seg):
+            def fwd(seg=seg, x=x):
                 with torch.no_grad():
                     ts.selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                              x["delta_bias"], True, False, segments=seg)
