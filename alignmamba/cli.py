@@ -44,6 +44,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds-parallel", dest="seed_parallel", action="store_true", default=None,
                    help="train the seeds at the same time, one process per seed, one seed per GPU "
                         "(train.seed_parallel=true)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
+                   help="on CUDA, replay forward and backward of full batches as CUDA graphs "
+                        "(train.cuda_graphs=true; falls back to eager with a warning where unsupported)")
     p.set_defaults(func=cmd_train)
 
 
@@ -52,7 +55,7 @@ _RESUME_CONFLICTS = {"config": "--config", "dataset": "--dataset", "data": "--da
                      "out": "--out", "seeds": "--seeds", "epochs": "--epochs", "device": "--device",
                      "missing_protocol": "--missing-protocol", "missing_rate": "--missing-rate",
                      "text_encoder": "--text-encoder", "bert_path": "--bert-path", "overrides": "--set",
-                     "seed_parallel": "--seeds-parallel"}
+                     "seed_parallel": "--seeds-parallel", "cuda_graphs": "--cuda-graphs"}
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -76,7 +79,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = resolve_config(a.dataset, a.config, a.overrides, data=a.data, out=a.out, seeds=a.seeds,
                          epochs=a.epochs, device=a.device, quiet=a.quiet, model=a.model,
                          missing_protocol=a.missing_protocol, missing_rate=a.missing_rate,
-                         text_encoder=a.text_encoder, bert_path=a.bert_path, seed_parallel=a.seed_parallel)
+                         text_encoder=a.text_encoder, bert_path=a.bert_path, seed_parallel=a.seed_parallel,
+                         cuda_graphs=a.cuda_graphs)
     if a.nproc is not None:
         return distributed.launch_torchrun(cfg, a.argv, a.nproc)
     try:

@@ -181,7 +181,7 @@ def resolve_config(dataset: str | None = None, config_file: str | None = None,
     base = merge_dicts(base, {"data": {"dataset": name}})
     flag_map = {"data": "data.path", "out": "train.out", "seeds": "train.seeds", "epochs": "train.epochs",
                 "device": "train.device", "quiet": "train.quiet", "model": "model.model",
-                "seed_parallel": "train.seed_parallel",
+                "seed_parallel": "train.seed_parallel", "cuda_graphs": "train.cuda_graphs",
                 "missing_protocol": "data.missing_protocol", "missing_rate": "data.missing_rate",
                 "text_encoder": "model.text_encoder", "bert_path": "model.bert_path"}
     for k, v in flags.items():

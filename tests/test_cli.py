@@ -176,3 +176,12 @@ def test_plot_plan_with_a_bert_checkpoint(run, tmp_path):
     assert out.strip() == f"wrote {png}"
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_cuda_graphs_flag_sets_the_config_and_resume_refuses_it(tmp_path, capsys):
+    from alignmamba.train import resolve_config
+
+    assert resolve_config(None, None, [], cuda_graphs=True).train.cuda_graphs is True
+    assert resolve_config(None, None, []).train.cuda_graphs is False
+    assert main(["train", "--resume", str(tmp_path), "--cuda-graphs"]) == 2
+    assert "--cuda-graphs" in capsys.readouterr().err
