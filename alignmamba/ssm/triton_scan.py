@@ -42,7 +42,7 @@ from torch import Tensor
 
 from alignmamba.errors import AlignMambaError
 
-__all__ = ["ScanConfig", "pick_config", "selective_scan_triton"]
+__all__ = ["ScanConfig", "pick_config", "prefetch_default", "selective_scan_triton"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -114,6 +114,13 @@ def _load_dt(dt_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
              FAST: tl.constexpr):
     """(raw delta + bias, delta after softplus), both zero where masked."""
     raw = tl.load(dt_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return _dt_of(raw, mask, bias, HAS_BIAS, SOFTPLUS, FAST)
+
+
+@triton.jit
+def _dt_of(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+           FAST: tl.constexpr):
+    """``_load_dt`` from an already loaded fp32 tile (the prefetching forward loads early)."""
     if HAS_BIAS:
         raw = raw + bias
     if SOFTPLUS:
@@ -143,13 +150,19 @@ def _ssm_fwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr,
     STORE_CKPT: tl.constexpr, STORE_OUT: tl.constexpr, STORE_DSUM: tl.constexpr,
     BL: tl.constexpr, NI: tl.constexpr, NL: tl.constexpr, DW: tl.constexpr, DL: tl.constexpr,
-    CK: tl.constexpr, FAST: tl.constexpr,
+    CK: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     """Forward over time segment ``program_id(2)`` ([seg * seg_len, +seg_len), seg_len a
     multiple of BL * CK; one segment = the whole sequence). h0 / last are per (batch,
     segment) with segment stride s_hs (0 for one segment). STORE_OUT=False computes only the
     segment's final state (and, with STORE_DSUM, sum_t delta'_t per channel): the first
-    pass of the segment-parallel forward (``_fwd``)."""
+    pass of the segment-parallel forward (``_fwd``).
+
+    PREFETCH (opt-in, KERNEL_NOTES v6): register double-buffering. The u, delta, z, B, C
+    tiles of chunk c+1 are loaded (as stored, unconverted) at the top of iteration c into
+    loop-carried tensors and consumed one iteration later, so their DRAM latency overlaps
+    chunk c's arithmetic instead of stalling the start of chunk c+1. Loads past the
+    segment end are masked off. Same operations on the same values: same results."""
     pid_blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     seg = tl.program_id(2)
@@ -202,13 +215,47 @@ def _ssm_fwd_kernel(
     k_ptrs = ckpt_ptr + b * s_kb + n4 * s_kn + d4 + (l_beg // (BL * CK)) * s_kc
 
     n_chunks = tl.cdiv(l_end - l_beg, BL)
+    if PREFETCH:
+        # chunk 0's tiles; iteration c then loads chunk c+1's before computing chunk c
+        pm3 = ((l_beg + t3) < l_end) & dm3
+        pm5 = ((l_beg + t5) < l_end) & nm5
+        u_nx = tl.load(u_ptrs + l_beg * s_ul, mask=pm3, other=0.0)
+        dt_nx = tl.load(dt_ptrs + l_beg * s_tl, mask=pm3, other=0.0)
+        B_nx = tl.load(B_ptrs + l_beg * s_bl, mask=pm5, other=0.0)
+        if STORE_OUT:
+            C_nx = tl.load(C_ptrs + l_beg * s_cl, mask=pm5, other=0.0)
+            if HAS_Z:
+                z_nx = tl.load(z_ptrs + l_beg * s_zl, mask=pm3, other=0.0)
     for c in range(n_chunks):
         l0 = l_beg + c * BL
         tm3 = ((l0 + t3) < l_end) & dm3
         tm5 = ((l0 + t5) < l_end) & nm5
-        u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
-        _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
-        Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
+        if PREFETCH:
+            u_cu = u_nx
+            dt_cu = dt_nx
+            B_cu = B_nx
+            if STORE_OUT:
+                C_cu = C_nx
+                if HAS_Z:
+                    z_cu = z_nx
+            # issue chunk c+1's loads first (all masked off after the last chunk)
+            l1 = l0 + BL
+            pm3 = ((l1 + t3) < l_end) & dm3
+            pm5 = ((l1 + t5) < l_end) & nm5
+            u_nx = tl.load(u_ptrs + l1 * s_ul, mask=pm3, other=0.0)
+            dt_nx = tl.load(dt_ptrs + l1 * s_tl, mask=pm3, other=0.0)
+            B_nx = tl.load(B_ptrs + l1 * s_bl, mask=pm5, other=0.0)
+            if STORE_OUT:
+                C_nx = tl.load(C_ptrs + l1 * s_cl, mask=pm5, other=0.0)
+                if HAS_Z:
+                    z_nx = tl.load(z_ptrs + l1 * s_zl, mask=pm3, other=0.0)
+            u = u_cu.to(tl.float32)
+            _, dt = _dt_of(dt_cu.to(tl.float32), tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
+            Bt = B_cu.to(tl.float32)
+        else:
+            u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
+            _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
+            Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
         if STORE_CKPT and (c % CK == 0):
                 tl.store(k_ptrs + (c // CK) * s_kc, h, mask=sm4)
 
@@ -222,12 +269,18 @@ def _ssm_fwd_kernel(
             dsum += tl.sum(dt, axis=0)  # masked steps hold delta' = 0
 
         if STORE_OUT:
-            Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
+            if PREFETCH:
+                Ct = C_cu.to(tl.float32)
+            else:
+                Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
             y = _sum_n(hh * Ct)
             if HAS_D:
                 y += Dv3 * u
             if HAS_Z:
-                zv = tl.load(z_ptrs + l0 * s_zl, mask=tm3, other=0.0).to(tl.float32)
+                if PREFETCH:
+                    zv = z_cu.to(tl.float32)
+                else:
+                    zv = tl.load(z_ptrs + l0 * s_zl, mask=tm3, other=0.0).to(tl.float32)
                 y = y * zv * _sigmoid(zv)
             tl.store(o_ptrs + l0 * s_ol, y, mask=tm3)
 
@@ -601,6 +654,19 @@ PROGRAMS_PER_SM = 4
 MIN_SEG_STEPS = 256
 
 
+_PREFETCH_ENV: bool | None = None
+
+
+def prefetch_default() -> bool:
+    """Whether the forward uses the register-prefetching kernel when not told (KERNEL_NOTES v6):
+    off unless ALIGNMAMBA_SCAN_PREFETCH=1 (or true/yes), read once per process."""
+    global _PREFETCH_ENV
+    if _PREFETCH_ENV is None:
+        v = os.environ.get("ALIGNMAMBA_SCAN_PREFETCH", "0").strip().lower()
+        _PREFETCH_ENV = v in ("1", "true", "yes", "on")
+    return _PREFETCH_ENV
+
+
 def pick_segments(bsz: int, dim: int, groups: int, length: int, cfg: ScanConfig,
                   device: torch.device) -> int:
     """How many time segments the forward runs in parallel (1 = the plain single pass)."""
@@ -613,7 +679,7 @@ def pick_segments(bsz: int, dim: int, groups: int, length: int, cfg: ScanConfig,
 
 
 def _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, h0, out, last, ckpt, dsum, segments,
-                seg_len, softplus, cfg: ScanConfig, store_out: bool):
+                seg_len, softplus, cfg: ScanConfig, store_out: bool, prefetch: bool = False):
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], At.shape[0]
     (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg)
@@ -644,16 +710,18 @@ def _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, h0, out, last, ckpt, dsu
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, STORE_LAST=last is not None,
         STORE_CKPT=ckpt is not None, STORE_OUT=store_out, STORE_DSUM=dsum is not None,
-        FAST=_fast_math(), num_warps=cfg.num_warps, **cfg.meta(),
+        FAST=_fast_math(), PREFETCH=bool(prefetch), num_warps=cfg.num_warps, **cfg.meta(),
     )
 
 
 def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
-         cfg: ScanConfig, segments: int = 1):
+         cfg: ScanConfig, segments: int = 1, prefetch: bool | None = None):
     """Forward launches. ``segments`` > 1: three passes (local final states and delta sums per
     segment; the sequential combination of those S states, a tiny kernel; the full forward of
     every segment from its true start state). Same results as one pass up to fp32 rounding
-    (the start states are composed in another order)."""
+    (the start states are composed in another order). ``prefetch``: the opt-in
+    register-prefetching forward kernel (None: :func:`prefetch_default`)."""
+    prefetch = prefetch_default() if prefetch is None else bool(prefetch)
     bsz, dim, length = u.shape
     dstate = A.shape[1]
     # A as (N, D), channel-contiguous: its load then fixes the layout of the work tiles
@@ -670,12 +738,12 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
     if segments == 1:
         last = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if store_last else None
         _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, h0, out, last, ckpt, None, 1, length,
-                    softplus, cfg, True)
+                    softplus, cfg, True, prefetch)
         return out, last, ckpt
     local = torch.empty(bsz, segments, dim, dstate, device=dev, dtype=f32)
     dsum = torch.empty(bsz, segments, dim, device=dev, dtype=f32)
     _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, None, None, local, None, dsum, segments,
-                seg_len, softplus, cfg, False)
+                seg_len, softplus, cfg, False, prefetch)
     start = torch.empty_like(local)
     final = torch.empty(bsz, dim, dstate, device=dev, dtype=f32)
     block = 256
@@ -683,7 +751,7 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
         local, dsum, A.contiguous(), h0 if h0 is not None else local, start, final,
         segments, dim * dstate, dstate, HAS_H0=h0 is not None, BLOCK=block)
     _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, start, out, None, ckpt, None, segments,
-                seg_len, softplus, cfg, True)
+                seg_len, softplus, cfg, True, prefetch)
     return out, (final if store_last else None), ckpt
 
 
@@ -742,7 +810,8 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
-                return_last_state, need_grad, cfg_f, cfg_b, segments):  # type: ignore[override]
+                return_last_state, need_grad, cfg_f, cfg_b, segments,
+                prefetch):  # type: ignore[override]
         Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
         u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
         Bg, Cg = _prep_bc(Bg), _prep_bc(Cg)
@@ -751,7 +820,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         cfg_b = ScanConfig(cfg_f.BL, cfg_b.NI, cfg_b.NL, cfg_b.DW, cfg_b.DL, cfg_f.CK,
                            cfg_b.num_warps)
         out, last, ckpt = _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus,
-                               return_last_state, need_grad, cfg_f, segments)
+                               return_last_state, need_grad, cfg_f, segments, prefetch)
         if need_grad:
             ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt)
             ctx.softplus = softplus
@@ -786,7 +855,8 @@ class _SelectiveScanFn(torch.autograd.Function):
             dbias = dbias.to(delta_bias.dtype)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
-        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None)
+        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None,
+                None)
 
 
 def selective_scan_triton(
@@ -805,6 +875,7 @@ def selective_scan_triton(
     block_l: int | None = None,
     chunks_per_ckpt: int | None = None,
     segments: int | None = None,
+    prefetch: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused selective scan (SPEC section 1, mamba-ssm ``selective_scan_ref`` semantics).
 
@@ -814,7 +885,10 @@ def selective_scan_triton(
     or on CPU under ``TRITON_INTERPRET=1`` (slow; tests only). ``block_l`` (power of 2) and
     ``chunks_per_ckpt`` override the tile length and checkpoint spacing. ``segments``: time
     segments the forward scans in parallel (None: :func:`pick_segments`, more than one only
-    when batch x channels leave the GPU's SMs idle; the backward is unchanged).
+    when batch x channels leave the GPU's SMs idle; the backward is unchanged). ``prefetch``:
+    opt-in forward kernel that loads the next chunk's tiles while computing the current one
+    (None: off unless the environment variable ALIGNMAMBA_SCAN_PREFETCH=1; same results,
+    speed not yet measured: docs/KERNEL_NOTES.md v6).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -829,4 +903,5 @@ def selective_scan_triton(
         segments = pick_segments(u.shape[0], u.shape[1], groups, u.shape[2], cfg_f, u.device)
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                   bool(delta_softplus), bool(return_last_state), need_grad,
-                                  cfg_f, cfg_b, max(1, int(segments)))
+                                  cfg_f, cfg_b, max(1, int(segments)),
+                                  prefetch_default() if prefetch is None else bool(prefetch))
