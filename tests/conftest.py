@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignmamba.data.synthetic import write_synthetic
 
@@ -29,3 +30,20 @@ def tiny_mmsa_aligned_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seed=0,
         **TINY_SIZES,
     )
+
+
+@pytest.fixture
+def mmd_calls(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Spy on alignment.mmd2: the per-sample (B,) MMD^2 vectors the forward computes, in order."""
+    from alignmamba import alignment as al
+
+    seen: list[torch.Tensor] = []
+    real = al.mmd2
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(al, "mmd2", spy)
+    return seen

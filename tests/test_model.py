@@ -194,20 +194,6 @@ def test_align_loss_is_a_training_term():
     assert model.train()(feats, masks, align_loss=False).align_loss == 0
 
 
-def _record_mmd(monkeypatch) -> list[torch.Tensor]:
-    """Spy on alignment.mmd2: the per-sample (B,) MMD^2 vectors the forward computes, in order."""
-    from alignmamba import alignment as al
-    seen: list[torch.Tensor] = []
-    real = al.mmd2
-
-    def spy(*a, **k):
-        out = real(*a, **k)
-        seen.append(out.detach().clone())
-        return out
-    monkeypatch.setattr(al, "mmd2", spy)
-    return seen
-
-
 def test_masked_pool_last_takes_the_last_valid_token_of_a_holed_mask():
     from alignmamba.model import masked_pool
     g = torch.Generator().manual_seed(3)
@@ -229,14 +215,14 @@ def test_masked_pool_last_takes_the_last_valid_token_of_a_holed_mask():
     assert not torch.equal(x[1, int(mask[1].sum()) - 1], want[1])
 
 
-def test_align_loss_on_complete_data_is_lambda_times_batch_mean_of_summed_mmd(monkeypatch):
+def test_align_loss_on_complete_data_is_lambda_times_batch_mean_of_summed_mmd(mmd_calls):
     """Every modality present (no ``present`` and an all-True one): the per-source means over
     the defined samples reduce to the former lambda * mean_b sum_src MMD^2."""
     cfg = small_cfg(align_lambda=0.37)
     torch.manual_seed(5)
     model = AlignMamba(cfg).eval()
     feats, masks = make_inputs(cfg, B=4, seed=7)
-    seen = _record_mmd(monkeypatch)
+    seen = mmd_calls
     with torch.no_grad():
         got = model(feats, masks, align_loss=True).align_loss
         assert len(seen) == 2 and all(s.shape == (4,) and (s > 0).all() for s in seen)
