@@ -148,17 +148,15 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
     cuda = device.type == "cuda"
     if s.threads > 0:
         torch.set_num_threads(s.threads)
-    model = opt = feats = masks = step = None
+    model = opt = feats = step = None
     try:
         torch.manual_seed(s.seed)
         model = _build(model_name, s).to(device)
         lens = split_length(length)
         g = torch.Generator(device="cpu").manual_seed(s.seed)
         feats = {m: torch.randn(s.batch, n, WIDTHS[m], generator=g).to(device) for m, n in lens.items()}
-        masks = {m: torch.ones(s.batch, n, dtype=torch.bool, device=device) for m, n in lens.items()}
-        # no padding here, and saying so (masks=None) spares the models' padding checks
-        # (host syncs in the baselines, which would also block CUDA-graph capture)
-        masks_arg = None
+        # No padding, and every model is told so by masks=None: that spares the baselines'
+        # padding checks (host syncs, which would also block CUDA-graph capture).
         if s.mode == "train":
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -171,10 +169,10 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
         def step() -> None:
             if s.mode == "inference":
                 with torch.inference_mode(), autocast():
-                    model(feats, masks_arg)
+                    model(feats, None)
                 return
             with autocast():
-                out = model(feats, masks_arg)
+                out = model(feats, None)
             loss = out.pred.float().square().mean() + out.align_loss.float()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -196,8 +194,7 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
             # code pages, thread pools, workspaces: ~15 MB) is not counted as this point's memory.
             small = split_length(min(12, length))
             with torch.inference_mode():
-                model({m: x[:, :small[m]] for m, x in feats.items()},
-                      {m: x[:, :small[m]] for m, x in masks.items()})
+                model({m: x[:, :small[m]] for m, x in feats.items()}, None)
         rss = PeakRSS()
         rss.start()
         for _ in range(s.warmup):
@@ -229,7 +226,7 @@ def measure_point(model_name: str, length: int, s: BenchSettings) -> dict[str, A
         rec["status"] = "oom"
     finally:
         # drop the references before freeing the cache, so an OOM point leaves the device clean
-        model = opt = feats = masks = step = None  # step may hold a CUDA graph and its memory pool
+        model = opt = feats = step = None  # step may hold a CUDA graph and its memory pool
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
