@@ -150,68 +150,29 @@ def run_jobs(tasks: list[tuple[str, Path, int]], jobs: int, device: str, resume:
     """Train ``(variant, out_dir, seed)`` tasks in up to ``jobs`` worker processes at a time.
 
     Each worker is :func:`alignmamba.distributed.seed_worker_main` (one seed of the run whose
-    config is ``out_dir/config.json``); its output goes to ``out_dir/seed_<s>.log``. Workers
-    are spread round-robin over the visible GPUs (several per GPU: small models leave most of
-    a GPU idle, so parallel runs raise throughput); on the CPU each gets cores / jobs threads.
-    Raises AlignMambaError naming the failed runs after all workers have ended.
+    config is ``out_dir/config.json``); its output goes to ``out_dir/seed_<s>.log``. The
+    ``jobs`` slots are spread round-robin over the visible GPUs (several per GPU: small models
+    leave most of a GPU idle, so parallel runs raise throughput); on the CPU each gets
+    cores / jobs threads. Raises AlignMambaError naming the failed runs after all workers ended.
     """
     import os
-    import subprocess
-    import sys
-    import time
 
     import torch
 
-    from .distributed import _package_pythonpath
+    from .distributed import SeedTask, run_seed_workers, visible_gpus
     from .errors import AlignMambaError
 
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    gpus = list(range(torch.cuda.device_count())) if use_cuda else []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if use_cuda and visible:
-        gpus = [v.strip() for v in visible.split(",") if v.strip()][: len(gpus)]
+    gpus = visible_gpus() if device != "cpu" and torch.cuda.is_available() else []
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    pending = list(tasks)
-    running: list[tuple[subprocess.Popen, str, int, Any]] = []
-    failed: list[str] = []
-    started = 0
-    code = "from alignmamba.distributed import seed_worker_main as m; raise SystemExit(m())"
+    slot_envs = [{"OMP_NUM_THREADS": str(threads),
+                  **({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {})} for i in range(jobs)]
     log(f"ablate: {len(tasks)} run(s), up to {jobs} at a time"
-        + (f" on GPU(s) {', '.join(map(str, gpus))}" if gpus else f" on the CPU ({threads} thread(s) each)"))
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                name, directory, seed = pending.pop(0)
-                env = _package_pythonpath(dict(os.environ))
-                env["PYTHONUNBUFFERED"] = "1"
-                env["OMP_NUM_THREADS"] = str(threads)
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = str(gpus[started % len(gpus)])
-                started += 1
-                fh = open(directory / f"seed_{seed}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
-                cmd = [sys.executable, "-c", code, str(directory), str(seed), *(["--resume"] if resume else [])]
-                proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-                running.append((proc, name, seed, fh))
-                log(f"   started {name} seed {seed}")
-            time.sleep(0.5)
-            for item in [r for r in running if r[0].poll() is not None]:
-                proc, name, seed, fh = item
-                running.remove(item)
-                fh.close()
-                ok = proc.returncode == 0
-                log(f"   {'finished' if ok else 'FAILED'} {name} seed {seed}"
-                    + ("" if ok else f" (exit code {proc.returncode}; see {fh.name})"))
-                if not ok:
-                    failed.append(f"{name} seed {seed} ({fh.name})")
-    except BaseException:
-        for proc, _, _, fh in running:  # only the workers started here
-            proc.terminate()
-        for proc, _, _, fh in running:
-            proc.wait()
-            fh.close()
-        raise
+        + (f" on GPU(s) {', '.join(gpus)}" if gpus else f" on the CPU ({threads} thread(s) each)"))
+    failed = run_seed_workers([SeedTask(d, seed, f"{name} seed {seed}", d / f"seed_{seed}.log")
+                               for name, d, seed in tasks], slot_envs, resume, log)
     if failed:
-        raise AlignMambaError(f"ablate --jobs: {len(failed)} run(s) failed: {', '.join(failed)}")
+        desc = ", ".join(f"{t.label} ({t.log_file})" for t, _ in failed)
+        raise AlignMambaError(f"ablate --jobs: {len(failed)} run(s) failed: {desc}")
 
 
 def run_ablation(base, variants: list[str], out: str | Path, resume: bool = False,

@@ -479,6 +479,14 @@ def seed_parallel_active(cfg: Any) -> bool:
     return bool(getattr(cfg.train, "seed_parallel", False)) and len(cfg.train.seeds) > 1
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs a child process may be pinned to: CUDA_VISIBLE_DEVICES entries (or indices)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    return ids[: torch.cuda.device_count()] or ["0"]
+
+
 def _slots(cfg: Any) -> tuple[list[str | None], str]:
     """The parallel slots: one per visible GPU (its CUDA_VISIBLE_DEVICES entry), else CPU slots."""
     dev = cfg.train.device
@@ -486,10 +494,7 @@ def _slots(cfg: Any) -> tuple[list[str | None], str]:
         raise ConfigError(f"train.device: {dev}: with train.seed_parallel each seed gets a whole GPU; "
                           "give auto, cuda or cpu (pick the GPUs with CUDA_VISIBLE_DEVICES)")
     if dev != "cpu" and torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else \
-            [str(i) for i in range(torch.cuda.device_count())]
-        return ids[: torch.cuda.device_count()] or ["0"], "cuda"
+        return visible_gpus(), "cuda"
     if dev == "cuda":
         raise ConfigError("train.device: cuda: CUDA is not available on this machine")
     jobs = max(1, min(len(cfg.train.seeds), os.cpu_count() or 1))
@@ -507,6 +512,88 @@ def _read_record(path: Path, seed: int) -> dict[str, Any]:
 
 
 WORKER_RESULT = "result.json"  # the seed's record in seed_<s>/ (the name train_state.py uses too)
+
+
+@dataclass
+class SeedTask:
+    """One worker's job: seed ``seed`` of the run whose resolved config is ``out/config.json``."""
+
+    out: Path
+    seed: int
+    label: str = ""  # for start / finish messages (empty: none)
+    log_file: Path | None = None  # the worker's output; None: passed to ``log`` line by line
+
+
+def run_seed_workers(tasks: Sequence[SeedTask], slot_envs: Sequence[dict[str, str]], resume: bool,
+                     log: Callable[..., None] = print) -> list[tuple[SeedTask, int]]:
+    """Run :func:`seed_worker_main` for every task, at most one per slot at a time; a worker gets
+    its slot's environment variables (e.g. CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS) on top of ours.
+    Returns the failed tasks with their exit codes, after every worker has ended; on an
+    exception (Ctrl-C) the workers started here are terminated first."""
+    code = "from alignmamba.distributed import seed_worker_main as m; raise SystemExit(m())"
+    pending = list(tasks)
+    running: dict[int, tuple[subprocess.Popen, SeedTask, threading.Thread | None, Any]] = {}
+    failed: list[tuple[SeedTask, int]] = []
+    log_lock = threading.Lock()
+
+    def pump(proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with log_lock:
+                log(line.rstrip("\n"))
+
+    def start(slot: int, task: SeedTask) -> None:
+        env = _package_pythonpath(dict(os.environ))
+        env.update(slot_envs[slot])
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = [sys.executable, "-c", code, str(task.out), str(task.seed), *(["--resume"] if resume else [])]
+        if task.log_file is not None:
+            fh = open(task.log_file, "w", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
+            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            reader = None
+        else:
+            fh = None
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            reader = threading.Thread(target=pump, args=(proc,), daemon=True)
+            reader.start()
+        running[slot] = (proc, task, reader, fh)
+        if task.label:
+            log(f"   started {task.label}")
+
+    def finish(slot: int) -> None:
+        proc, task, reader, fh = running.pop(slot)
+        if reader is not None:
+            reader.join()
+        if fh is not None:
+            fh.close()
+        if proc.returncode != 0:
+            failed.append((task, proc.returncode))
+        if task.label:
+            where = f"; see {task.log_file}" if task.log_file is not None else ""
+            log(f"   finished {task.label}" if proc.returncode == 0 else
+                f"   FAILED {task.label} (exit code {proc.returncode}{where})")
+
+    try:
+        for slot in range(len(slot_envs)):
+            if pending:
+                start(slot, pending.pop(0))
+        while running:
+            done = next((slot for slot, (proc, *_) in running.items() if proc.poll() is not None), None)
+            if done is None:
+                threading.Event().wait(0.2)
+                continue
+            finish(done)
+            if pending:
+                start(done, pending.pop(0))
+    except BaseException:
+        for proc, *_ in running.values():  # only the workers started here
+            proc.terminate()
+        for proc, _, _, fh in running.values():
+            proc.wait()
+            if fh is not None:
+                fh.close()
+        raise
+    return failed
 
 
 def run_seeds_parallel(cfg: Any, out: Path, log: Callable[..., None] = print,
@@ -538,58 +625,11 @@ def run_seeds_parallel(cfg: Any, out: Path, log: Callable[..., None] = print,
         threads = max(1, (os.cpu_count() or 1) // len(slots))
     log(f"seed-parallel: {len(todo)} seed(s) over {len(slots)} {'GPU' if kind == 'cuda' else 'CPU'} slot(s)"
         + (f" ({', '.join('GPU ' + str(g) for g in slots)})" if kind == "cuda" else ""))
-    running: dict[int, tuple[subprocess.Popen, threading.Thread, int]] = {}  # slot -> (proc, reader, seed)
-    failed: list[tuple[int, int]] = []
-    pending = list(todo)
-    log_lock = threading.Lock()
-
-    def pump(proc: subprocess.Popen, seed: int) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            with log_lock:
-                log(line.rstrip("\n"))
-
-    def start(slot: int, seed: int) -> None:
-        env = _package_pythonpath(dict(os.environ))
-        if kind == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = str(slots[slot])
-        elif threads is not None:
-            env["OMP_NUM_THREADS"] = str(threads)
-        env["PYTHONUNBUFFERED"] = "1"
-        code = "from alignmamba.distributed import seed_worker_main as m; raise SystemExit(m())"
-        cmd = [sys.executable, "-c", code, str(out), str(seed), *(["--resume"] if resume else [])]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        reader = threading.Thread(target=pump, args=(proc, seed), daemon=True)
-        reader.start()
-        running[slot] = (proc, reader, seed)
-
-    try:
-        for slot in range(len(slots)):
-            if pending:
-                start(slot, pending.pop(0))
-        while running:
-            done = None
-            for slot, (proc, _, _) in running.items():
-                if proc.poll() is not None:
-                    done = slot
-                    break
-            if done is None:
-                threading.Event().wait(0.2)
-                continue
-            proc, reader, seed = running.pop(done)
-            reader.join()
-            if proc.returncode != 0:
-                failed.append((seed, proc.returncode))
-            if pending:
-                start(done, pending.pop(0))
-    except BaseException:
-        for proc, _, _ in running.values():  # only the workers started here
-            proc.terminate()
-        for proc, _, _ in running.values():
-            proc.wait()
-        raise
+    slot_envs = [{"CUDA_VISIBLE_DEVICES": str(g)} if kind == "cuda" else
+                 ({"OMP_NUM_THREADS": str(threads)} if threads is not None else {}) for g in slots]
+    failed = run_seed_workers([SeedTask(out, s) for s in todo], slot_envs, resume, log)
     if failed:
-        desc = ", ".join(f"seed {s} (exit code {rc})" for s, rc in failed)
+        desc = ", ".join(f"seed {t.seed} (exit code {rc})" for t, rc in failed)
         raise AlignMambaError(f"train.seed_parallel: {desc} failed; see the seed's output above")
     for s in todo:
         records[s] = _read_record(out / f"seed_{s}" / WORKER_RESULT, s)
