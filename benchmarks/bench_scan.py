@@ -108,25 +108,42 @@ def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
     u, delta, A, B, C, D, z, bias = (x[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
                                                   "delta_bias"))
     Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
-    Bg, Cg = ts._prep_bc(Bg), ts._prep_bc(Cg)
     rows = []
-    for cf in configs_f:
+    for cf, seg in configs_f:
         t0 = time.time()
-        ms = median_ms(lambda cf=cf: ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False,
-                                             False, cf), reps)
-        ms_ck = median_ms(lambda cf=cf: ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True,
-                                                False, True, cf), reps)
-        rows.append({"kind": "fwd", "cfg": repr(cf), "ms": ms, "ms_with_ckpt": ms_ck,
-                     "wall_s": time.time() - t0})
-        print(f"  fwd {cf}: {ms:.3f} ms (with checkpoints {ms_ck:.3f} ms)", flush=True)
-    for cf, cb in configs_b:
+        Bf, Cf = ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T)
+
+        def fwd(ck, cf=cf, seg=seg, Bf=Bf, Cf=Cf):
+            return ts._fwd(u, delta, A, Bf, Cf, D, z, bias, None, True, False, ck, cf, seg)
+
+        ms = median_ms(lambda: fwd(False), reps)
+        ms_ck = median_ms(lambda: fwd(True), reps)
+        rows.append({"kind": "fwd", "cfg": repr(cf), "segments": seg, "ms": ms,
+                     "ms_with_ckpt": ms_ck, "wall_s": time.time() - t0})
+        print(f"  fwd {cf} segments {seg}: {ms:.3f} ms (with checkpoints {ms_ck:.3f} ms)",
+              flush=True)
+    Bb, Cb = ts._prep_bc(Bg), ts._prep_bc(Cg)
+    cf = ts.pick_fwd_config(u.shape[1])
+    _, _, ckpt = ts._fwd(u, delta, A, ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T), D, z, bias,
+                         None, True, False, True, cf)
+    for cb in configs_b:
         t0 = time.time()
-        _, _, ckpt = ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False, True, cf)
-        ms = median_ms(lambda cb=cb, ckpt=ckpt: ts._bwd(dout, None, u, delta, A, Bg, Cg, D, z,
-                                                        bias, None, ckpt, True, cb), reps)
+        ms = median_ms(lambda cb=cb: ts._bwd(dout, None, u, delta, A, Bb, Cb, D, z, bias, None,
+                                             ckpt, True, cb), reps)
         rows.append({"kind": "bwd", "cfg": repr(cb), "ms": ms, "wall_s": time.time() - t0})
         print(f"  bwd {cb}: {ms:.3f} ms", flush=True)
     return rows
+
+
+def load_module(path: str):
+    """Another version of alignmamba/ssm/triton_scan.py (e.g. ``git show REV:path > F``), to
+    time it beside the current one in the same run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("triton_scan_other", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main() -> None:
@@ -139,11 +156,13 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch chunked path")
     ap.add_argument("--sweep", action="store_true", help="also time tile-shape variants")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--other", default=None, metavar="FILE",
+                    help="also time this version of triton_scan.py (e.g. the previous commit's)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_scan: needs a CUDA device")
 
-    from alignmamba.ssm.triton_scan import ScanConfig, selective_scan_triton
+    from alignmamba.ssm.triton_scan import FwdConfig, ScanConfig, selective_scan_triton
 
     dev = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
@@ -163,12 +182,16 @@ def main() -> None:
         from alignmamba.ssm.scan import selective_scan_chunked
 
         result["torch_chunked"] = time_path(selective_scan_chunked, x, dout, reps=3)
+    if args.other:
+        result["other_file"] = args.other
+        result["other_scan"] = time_path(load_module(args.other).selective_scan_triton, x, dout,
+                                         args.reps)
 
     if args.sweep:
-        fwd_cfgs = [ScanConfig(bl, 4, 4, dw, 8, 64 // bl, nw)
-                    for bl, dw, nw in ((4, 16, 4), (4, 8, 2), (4, 4, 1), (2, 16, 4))]
-        bwd_cfgs = [(ScanConfig(4, 4, 4, 16, 8, 16, 4), ScanConfig(4, 4, 4, dw, 8, 16, nw))
-                    for dw, nw in ((16, 4), (8, 2), (4, 1))]
+        fwd_cfgs = [(FwdConfig(t, 64 // t, nw), seg)
+                    for t, nw, seg in ((8, 4, 1), (8, 2, 1), (8, 1, 1), (4, 4, 1), (8, 4, 2),
+                                       (8, 4, 3), (8, 4, 4))]
+        bwd_cfgs = [ScanConfig(4, 4, 4, dw, 8, 16, nw) for dw, nw in ((16, 4), (8, 2))]
         result["sweep"] = sweep(x, dout, fwd_cfgs, bwd_cfgs, args.reps)
 
     def gbs(nb, ms):
@@ -188,6 +211,12 @@ def main() -> None:
         if "torch_chunked" in result:
             sp = f"{result['torch_chunked'][key] / ms:8.1f}x"
         print(f"{name:28s} {ms:9.3f} {gbs(nb, ms):8.0f} {100 * gbs(nb, ms) / copy_gbs:6.1f}% {sp}")
+    if "other_scan" in result:
+        o = result["other_scan"]
+        for key, name in (("fwd_ms", "fwd (inference)"), ("fwd_train_ms", "fwd (saves ckpt)"),
+                          ("bwd_ms", "bwd"), ("fwd_bwd_ms", "fwd+bwd")):
+            print(f"{'other ' + name:28s} {o[key]:9.3f}   (this version {tri[key] / o[key]:.2f}x "
+                  f"its time)")
     if "torch_chunked" in result:
         t = result["torch_chunked"]
         print(f"{'torch chunked fwd':28s} {t['fwd_ms']:9.1f}")

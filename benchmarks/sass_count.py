@@ -2,8 +2,8 @@
 
 No GPU needed: ``triton.compile`` with a ``GPUTarget("cuda", 90, 32)`` runs Triton's passes and
 the ptxas shipped in the Triton wheel; ``cuobjdump`` (also in the wheel) disassembles the cubin.
-For each variant of ``_ssm_fwd_kernel`` (PREFETCH off / on; the passes the issue-6 shape
-actually launches) it prints:
+For each variant of ``_ssm_fwd_kernel`` (the passes the issue-6 shape can launch; the time
+tile T of ``--T``) it prints:
 
 * registers and local-memory (spill) bytes per thread;
 * the TTGIR layouts of the loaded tiles and of the loop-carried values, and how many layout
@@ -15,10 +15,11 @@ actually launches) it prints:
   write barrier 3 bits at 110, wait mask 6 bits at 116), in instructions and in the sum of
   the stall counts in between (a lower bound on the issue cycles that hide the load). Without
   prefetch the wait sits a few instructions after the loads; with it the wait should come
-  after the chunk's arithmetic, i.e. across the loop's back edge.
+  after the chunk's arithmetic, i.e. across the loop's back edge. (KERNEL_NOTES v6 used this on
+  the earlier 5-D kernel; v7 reads the same numbers for the one-channel-per-thread kernel.)
 
 Usage (from the repository root; any machine with the Triton wheel, GPU or not):
-``PYTHONPATH=. python benchmarks/sass_count.py [--out DIR] [--variants pass2,single,pass1]``.
+``PYTHONPATH=. python benchmarks/sass_count.py [--out DIR] [--variants pass2,single,pass1] [--T 8]``.
 Artifacts (ttgir, ptx, sass per variant) go to DIR (default: a temp directory).
 """
 from __future__ import annotations
@@ -71,13 +72,15 @@ def build(fn, args: dict, consts: dict, num_warps: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
-def fwd_args(B=8, D=1536, N=16, L=16384, S=6, G=1, cfg=None, dt="bf16") -> dict:
-    """Arguments of ``_launch_fwd`` for the issue-6 problem (bf16 streams, fp32 B/C after
-    ``_prep_bc``, A as (N, D)); h0/last per segment (B, S, D, N), checkpoints (B, n, N, D)."""
-    step = cfg.BL * cfg.CK
+def fwd_args(B=8, D=1536, N=16, L=16384, S=9, G=1, cfg=None, dt="bf16") -> dict:
+    """Arguments of ``_launch_fwd`` for the issue-6 problem (bf16 streams; B, C as
+    ``_rows_bc`` makes them: (B, G, L_pad + 1, N) fp32; A as (N, D)); h0/last per segment
+    (B, S, D, N), checkpoints (B, n, N, D)."""
+    step = cfg.T * cfg.CK
     n_ck = ts._cdiv(L, step)
     seg_len = ts._cdiv(ts._cdiv(L, S), step) * step  # as in ts._fwd
     n_blk_g = ts._cdiv(D // G, cfg.block_d)
+    rows = ts._cdiv(L, cfg.T) * cfg.T + 1
     ptrs = {k: dt for k in ("u_ptr", "dt_ptr", "z_ptr", "out_ptr")}
     ptrs.update({k: "fp32" for k in ("A_ptr", "B_ptr", "C_ptr", "D_ptr", "bias_ptr", "h0_ptr",
                                      "last_ptr", "ckpt_ptr", "dsum_ptr")})
@@ -85,8 +88,8 @@ def fwd_args(B=8, D=1536, N=16, L=16384, S=6, G=1, cfg=None, dt="bf16") -> dict:
         "L": L, "N": N, "Dg": D // G, "n_blk_g": n_blk_g, "seg_len": seg_len,
         "s_ub": D * L, "s_ud": L, "s_ul": 1, "s_tb": D * L, "s_td": L, "s_tl": 1,
         "s_ad": 1, "s_an": D,
-        "s_bb": G * N * L, "s_bg": N * L, "s_bn": L, "s_bl": 1,
-        "s_cb": G * N * L, "s_cg": N * L, "s_cn": L, "s_cl": 1,
+        "s_bb": G * rows * N, "s_bg": rows * N, "s_bl": N,
+        "s_cb": G * rows * N, "s_cg": rows * N, "s_cl": N,
         "s_zb": D * L, "s_zd": L, "s_zl": 1, "s_ob": D * L, "s_od": L, "s_ol": 1,
         "s_hb": S * D * N, "s_hs": D * N, "s_hd": N, "s_hn": 1,
         "s_kb": n_ck * N * D, "s_kc": N * D, "s_kn": D, "s_sb": S * D, "s_ss": D,
@@ -94,7 +97,7 @@ def fwd_args(B=8, D=1536, N=16, L=16384, S=6, G=1, cfg=None, dt="bf16") -> dict:
     return {**ptrs, **ints}
 
 
-# the launches of the issue-6 forward (6 segments: pick_segments on 132 SMs, 96 programs)
+# the launches of the issue-6 forward (9 segments: pick_segments on 132 SMs, 96 programs)
 VARIANTS = {
     # pass 2 of the segment-parallel forward, training (saves checkpoints)
     "pass2": {"STORE_OUT": True, "HAS_H0": True, "STORE_LAST": False, "STORE_CKPT": True,
@@ -216,55 +219,54 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory for ttgir/ptx/sass (default: temp)")
     ap.add_argument("--variants", default="pass2,single,pass1")
-    ap.add_argument("--prefetch", default="0,1", help="PREFETCH values to compile")
+    ap.add_argument("--T", type=int, default=8, help="time steps per chunk")
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="sass_count_")
     os.makedirs(out, exist_ok=True)
-    cfg = ts.pick_config(16, 1536)
+    cfg = ts.pick_fwd_config(1536, args.T)
     print(f"Triton {triton.__version__}, sm_90 offline; {cfg}; issue-6 shape B=8 D=1536 N=16 "
           f"L=16384 bf16; artifacts in {out}")
-    # updates per thread per chunk: BL steps x (N * BD) pairs / threads
-    upd = cfg.BL * 16 * cfg.block_d // (32 * cfg.num_warps)
+    # updates per thread per chunk: T steps x N states (one channel per thread)
+    upd = cfg.T * 16
     summary = []
     for var in args.variants.split(","):
-        for pf in (bool(int(v)) for v in args.prefetch.split(",")):
-            consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True,
-                          PREFETCH=pf, **VARIANTS[var], **cfg.meta())
-            name = f"fwd_{var}_pf{int(pf)}"
-            c = build(ts._ssm_fwd_kernel, fwd_args(cfg=cfg), consts, cfg.num_warps)
-            cub = os.path.join(out, name + ".cubin")
-            with open(cub, "wb") as f:
-                f.write(c.asm["cubin"])
-            for key in ("ttgir", "ptx"):
-                with open(os.path.join(out, f"{name}.{key}"), "w") as f:
-                    f.write(c.asm[key])
-            sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", cub], capture_output=True,
-                                  text=True, check=True).stdout
-            with open(os.path.join(out, name + ".sass"), "w") as f:
-                f.write(sass)
-            res = resources(cub)
-            print(f"\n== {name}: {res}")
-            for ln in ttgir_summary(c.asm["ttgir"]):
-                print("  " + ln)
-            ins = parse_sass(sass)
-            loops = loop_ranges(ins)
-            if not loops:
-                print("  no backward branch found in the SASS")
-                continue
-            lo, hi = max(loops, key=lambda r: r[1] - r[0])  # the time loop is the big one
-            a = analyse_loop(ins, lo, hi, upd)
-            print(f"  time loop {ins[lo]['addr']:#x}-{ins[hi]['addr']:#x}: {a['n']} SASS instr "
-                  f"per chunk, {a['per_update']:.1f} per state update per thread ({upd}/chunk)")
-            print("  ops: " + ", ".join(f"{k}:{v}" for k, v in a["ops"].most_common(18)))
-            print(f"  static stall cycles per iteration (one warp, no scoreboard waits): "
-                  f"{a['stall']}; instructions that wait on a scoreboard: {a['waits']}")
-            for ld in a["loads"]:
-                print(f"  LDG @{ld['at']:4d} SB{ld['sb']}: first wait {ld['dist']:4d} instr later"
-                      f" (>= {ld['stall_cycles']:4d} stall cycles){' across the back edge' if ld['wrapped'] else ''}"
-                      f"  [{ld['consumer']}]")
-            d = [ld["stall_cycles"] for ld in a["loads"]]
-            summary.append((name, res, a["n"], a["stall"], a["ops"].get("LDG", 0),
-                            min(d) if d else None, max(d) if d else None))
+        consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, NP=16,
+                      **VARIANTS[var], **cfg.meta())
+        name = f"fwd_{var}_T{cfg.T}"
+        c = build(ts._ssm_fwd_kernel, fwd_args(cfg=cfg), consts, cfg.num_warps)
+        cub = os.path.join(out, name + ".cubin")
+        with open(cub, "wb") as f:
+            f.write(c.asm["cubin"])
+        for key in ("ttgir", "ptx"):
+            with open(os.path.join(out, f"{name}.{key}"), "w") as f:
+                f.write(c.asm[key])
+        sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", cub], capture_output=True,
+                              text=True, check=True).stdout
+        with open(os.path.join(out, name + ".sass"), "w") as f:
+            f.write(sass)
+        res = resources(cub)
+        print(f"\n== {name}: {res}")
+        for ln in ttgir_summary(c.asm["ttgir"]):
+            print("  " + ln)
+        ins = parse_sass(sass)
+        loops = loop_ranges(ins)
+        if not loops:
+            print("  no backward branch found in the SASS")
+            continue
+        lo, hi = max(loops, key=lambda r: r[1] - r[0])  # the time loop is the big one
+        a = analyse_loop(ins, lo, hi, upd)
+        print(f"  time loop {ins[lo]['addr']:#x}-{ins[hi]['addr']:#x}: {a['n']} SASS instr "
+              f"per chunk, {a['per_update']:.1f} per state update per thread ({upd}/chunk)")
+        print("  ops: " + ", ".join(f"{k}:{v}" for k, v in a["ops"].most_common(18)))
+        print(f"  static stall cycles per iteration (one warp, no scoreboard waits): "
+              f"{a['stall']}; instructions that wait on a scoreboard: {a['waits']}")
+        for ld in a["loads"]:
+            print(f"  LDG @{ld['at']:4d} SB{ld['sb']}: first wait {ld['dist']:4d} instr later"
+                  f" (>= {ld['stall_cycles']:4d} stall cycles){' across the back edge' if ld['wrapped'] else ''}"
+                  f"  [{ld['consumer']}]")
+        d = [ld["stall_cycles"] for ld in a["loads"]]
+        summary.append((name, res, a["n"], a["stall"], a["ops"].get("LDG", 0),
+                        min(d) if d else None, max(d) if d else None))
     print("\nvariant            resources                              loop instr  stall cyc  LDG"
           "  load->first wait, stall cycles (min / max)")
     for name, res, n, st, nld, mind, maxd in summary:

@@ -1,8 +1,8 @@
-"""Forward time of the Triton scan against the number of time segments (docs/KERNEL_NOTES.md v5).
+"""Forward time of the Triton scan against the number of time segments (docs/KERNEL_NOTES.md v5, v7).
 
 ``PYTHONPATH=. python benchmarks/sweep_segments.py [--json F]``: the issue-6 shape (batch 8, D 1536,
 N 16, L 16384, bf16) and AlignMamba's batch-1 shape at 64k tokens (D 512, L 10626), inference
-forward, segments 1 .. 64; prints ms and % of the copy bandwidth measured in the same run.
+forward, segments 1 .. 64 (and batch 8, D 512, L 6400: AlignMamba's training shape); prints ms and % of the copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()} | copy {bw:.0f} GB/s")
     rows = []
-    for bsz, dim, length in ((8, 1536, 16384), (1, 512, 10626)):
+    for bsz, dim, length in ((8, 1536, 16384), (1, 512, 10626), (8, 512, 6400)):
         x = make_inputs(bsz, dim, 16, length)
         nbytes = byte_counts(x)["fwd"]
-        cfg = ts.pick_config(16, dim)
+        cfg = ts.pick_fwd_config(dim)
         auto = ts.pick_segments(bsz, dim, 1, length, cfg, x["u"].device)
-        for seg in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+        for seg in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
             def fwd(seg=seg, x=x):
                 with torch.no_grad():
                     ts.selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],

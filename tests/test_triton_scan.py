@@ -6,7 +6,6 @@ imported), so sizes stay tiny. On a CUDA machine the same tests run compiled, pl
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 
 import pytest
@@ -170,12 +169,12 @@ def run_with_grads(fn, x, softplus, last, dtype_ref=None, seed=0):
     return out.detach(), (None if state is None else state.detach()), grads
 
 
-def triton_fn(block_l=None, ck=None, segments=None, prefetch=None):
+def triton_fn(block_l=None, ck=None, segments=None):
     def fn(x, softplus, last):
         return ts.selective_scan_triton(
             x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
             delta_softplus=softplus, return_last_state=last, initial_state=x["initial_state"],
-            block_l=block_l, chunks_per_ckpt=ck, segments=segments, prefetch=prefetch)
+            block_l=block_l, chunks_per_ckpt=ck, segments=segments)
     return fn
 
 
@@ -255,11 +254,12 @@ def test_segment_parallel_forward_matches_float64(case):
     assert rel_err(o2, rout) < 1e-5 and rel_err(s2, rstate) < 1e-5
 
 
-# Register-prefetching forward (PREFETCH constexpr, KERNEL_NOTES v6): chunk c+1's tiles are
-# loaded in iteration c. (L, BL, CK, segments, N, D, groups, has_D, has_z, has_bias, softplus,
-# last, h0): many chunks (BL 2-4) with a partial last chunk, so that computing a neighbouring
-# chunk's tiles, or dropping the last/first one, changes the output
-PREFETCH_CASES = [
+# Forward tiles (KERNEL_NOTES v7: one channel per thread, T steps per chunk unrolled, the next
+# chunk's streams loaded one iteration ahead). (L, T, CK, segments, N, D, groups, has_D, has_z,
+# has_bias, softplus, last, h0): many chunks (T 2-8) with a partial last chunk, so that using a
+# neighbouring chunk's tiles, or dropping the first or last one, changes the output; N not a
+# power of 2 (padded states); channels that do not fill a block
+FWD_CASES = [
     (37, 4, 3, 1, 8, 8, 0, True, True, True, True, True, True),
     (29, 2, 4, 1, 5, 6, 3, True, True, False, True, True, False),
     (23, 8, 1, 1, 16, 4, 2, False, False, True, False, True, True),
@@ -270,29 +270,18 @@ PREFETCH_CASES = [
 ]
 
 
-def _pf_id(c):
-    return f"L{c[0]}-BL{c[1]}-CK{c[2]}-S{c[3]}-N{c[4]}-D{c[5]}-G{c[6]}"
+def _fwd_id(c):
+    return f"L{c[0]}-T{c[1]}-CK{c[2]}-S{c[3]}-N{c[4]}-D{c[5]}-G{c[6]}"
 
 
-def _fwd_direct(x, BL, CK, S, softplus, prefetch):
-    """ts._fwd on prepared inputs: (out, last_state, checkpoints), all three stored."""
-    Bg, Cg, _ = ts._check(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                          x["delta_bias"], x["initial_state"])
-    Bg, Cg = ts._prep_bc(Bg), ts._prep_bc(Cg)
-    cfg = ts.pick_config(x["A"].shape[1], x["u"].shape[1] // Bg.shape[1], False, BL, CK)
-    return ts._fwd(x["u"], x["delta"], x["A"], Bg, Cg, x["D"], x["z"], x["delta_bias"],
-                   x["initial_state"], softplus, True, True, cfg, S, prefetch=prefetch)
-
-
-@pytest.mark.parametrize("case", PREFETCH_CASES, ids=[_pf_id(c) for c in PREFETCH_CASES])
-def test_prefetch_forward_and_grads_match_float64(case):
-    """PREFETCH on: output, final state and every gradient (backward through the checkpoints
-    the prefetching forward wrote) equal the float64 recurrence."""
+@pytest.mark.parametrize("case", FWD_CASES, ids=[_fwd_id(c) for c in FWD_CASES])
+def test_forward_tiles_and_grads_match_float64(case):
+    """Output, final state and every gradient (backward through the checkpoints this forward
+    wrote) equal the float64 recurrence."""
     L, BL, CK, S, N, D, G, has_d, has_z, has_bias, softplus, last, h0 = case
     x = make_inputs(2, D, N, L, G, has_d, has_z, has_bias, h0, torch.float32,
                     seed=100 + L + BL + S, softplus=softplus)
-    out, state, grads = run_with_grads(triton_fn(BL, CK, segments=S, prefetch=True), x,
-                                       softplus, last)
+    out, state, grads = run_with_grads(triton_fn(BL, CK, segments=S), x, softplus, last)
     rout, rstate, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
                                           dtype_ref=torch.float64)
     assert rel_err(out, rout) < 1e-5
@@ -306,64 +295,72 @@ def test_prefetch_forward_and_grads_match_float64(case):
         assert err < 1e-5, f"grad {k}: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("case", PREFETCH_CASES, ids=[_pf_id(c) for c in PREFETCH_CASES])
-def test_prefetch_equals_plain_forward(case):
-    """PREFETCH on and off run the same operations on the same values: identical output,
-    final state and state checkpoints (bitwise in the interpreter; 1e-6 compiled). Streams
-    alternate fp32 / bf16 over the cases (the prefetched tiles keep the stored dtype)."""
-    L, BL, CK, S, N, D, G, has_d, has_z, has_bias, softplus, _last, h0 = case
-    dtype = (torch.float32, torch.bfloat16)[PREFETCH_CASES.index(case) % 2]
-    x = make_inputs(2, D, N, L, G, has_d, has_z, has_bias, h0, dtype, seed=200 + L + BL,
-                    softplus=softplus)
-    with torch.no_grad():
-        plain = _fwd_direct(x, BL, CK, S, softplus, prefetch=False)
-        pref = _fwd_direct(x, BL, CK, S, softplus, prefetch=True)
-    for name, a, b in zip(("out", "last", "ckpt"), pref, plain):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.isfinite(a.float()).all(), name
-        if CUDA:
-            assert rel_err(a, b) < 1e-6, name
-        else:
-            assert torch.equal(a, b), (name, rel_err(a, b))
+def test_default_tiles_forward_and_grads_match_float64():
+    """The default tiles: forward T=8 with a checkpoint every 8 chunks, backward BL=4 with one
+    every 16 (the same 64 steps); 150 steps = 3 checkpoint segments, the last one partial."""
+    x = make_inputs(1, 6, 16, 150, 0, True, True, True, True, torch.float32, seed=31)
+    f = ts.pick_fwd_config(6)
+    assert (f.T, f.CK, f.num_warps) == (8, 8, 1)
+    out, state, grads = run_with_grads(triton_fn(), x, True, True)
+    rout, rstate, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True,
+                                          dtype_ref=torch.float64)
+    assert rel_err(out, rout) < 1e-5 and rel_err(state, rstate) < 1e-5
+    for k in GRAD_NAMES:
+        if x[k] is not None:
+            assert rel_err(grads[k], rgrads[k]) < 1e-5, k
 
 
-def test_prefetch_switch(monkeypatch):
-    """prefetch=None follows ALIGNMAMBA_SCAN_PREFETCH (read once); the flag reaches every
-    forward launch (both passes of the segment-parallel forward too)."""
+def test_rows_bc_is_transposed_and_zero_padded():
+    """B, C for the forward: (B, G, L_pad + 1, NP) fp32, rows = steps, padding all zero."""
+    t = torch.randn(2, 3, 5, 13, dtype=torch.bfloat16)
+    r = ts._rows_bc(t, 8)
+    assert r.shape == (2, 3, 17, 8) and r.dtype == torch.float32 and r.is_contiguous()
+    assert torch.equal(r[:, :, :13, :5], t.float().transpose(-1, -2))
+    assert not r[:, :, 13:].any() and not r[..., 5:].any()
+
+
+def test_checkpoint_spacing_agrees_between_passes():
+    """Whatever the overrides, the backward walks the forward's checkpoints: equal spacing."""
     seen = []
-    launch = ts._launch_fwd
+    real = ts._SelectiveScanFn.apply
 
-    def spy(*args, **kw):
-        bound = inspect.signature(launch).bind(*args, **kw)
-        bound.apply_defaults()
-        seen.append(bound.arguments["prefetch"])
-        return launch(*args, **kw)
+    def spy(*args):
+        seen.append((args[12], args[13]))
+        return real(*args)
 
-    monkeypatch.setattr(ts, "_launch_fwd", spy)
-    x = make_inputs(1, 4, 4, 20, 0, True, True, True, False, torch.float32, seed=9)
-    for env, want in (("1", True), ("0", False), (None, False)):
-        if env is None:
-            monkeypatch.delenv("ALIGNMAMBA_SCAN_PREFETCH", raising=False)
-        else:
-            monkeypatch.setenv("ALIGNMAMBA_SCAN_PREFETCH", env)
-        monkeypatch.setattr(ts, "_PREFETCH_ENV", None)
-        assert ts.prefetch_default() is want
-        monkeypatch.setenv("ALIGNMAMBA_SCAN_PREFETCH", "0" if want else "1")
-        assert ts.prefetch_default() is want  # cached: read once
-        seen.clear()
-        with torch.no_grad():
-            triton_fn(4, 2, segments=2)(x, True, True)
-        assert seen == [want, want], seen
-    seen.clear()
-    with torch.no_grad():
-        triton_fn(4, 2, segments=1, prefetch=True)(x, True, True)
-    assert seen == [True]
+    x = make_inputs(1, 4, 4, 40, 0, True, False, False, False, torch.float32, seed=4)
+    for bl, ck in ((None, None), (16, None), (None, 3), (2, 5)):
+        ts._SelectiveScanFn.apply = spy
+        try:
+            triton_fn(bl, ck)(x, False, False)
+        finally:
+            ts._SelectiveScanFn.apply = real
+        f, b = seen[-1]
+        assert f.T * f.CK == b.BL * b.CK, (bl, ck, f, b)
+        if bl is not None:
+            assert f.T == b.BL == bl
 
 
-def test_segments_are_only_picked_when_the_gpu_would_idle():
-    cfg = ts.pick_config(16, 512)
+def test_segments_are_only_picked_when_the_gpu_would_idle(monkeypatch):
+    cfg = ts.pick_fwd_config(512)
     cpu = torch.device("cpu")
     assert ts.pick_segments(1, 512, 1, 10_000, cfg, cpu) == 1  # the interpreter / CPU: one pass
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+    gpu = torch.device("cuda")
+    # batch 1, D 512: 16 warps for 132 SMs -> 198 segments for 24 warps per SM, capped by
+    # MIN_SEG_STEPS
+    assert ts.pick_segments(1, 512, 1, 65536, cfg, gpu) == 198
+    assert ts.pick_segments(1, 512, 1, 10626, cfg, gpu) == 10626 // ts.MIN_SEG_STEPS
+    assert ts.pick_segments(1, 512, 1, 200, cfg, gpu) == 1  # too short to cut
+    # the issue-6 shape: 384 warps -> 9 segments
+    assert ts.pick_segments(8, 1536, 1, 16384, ts.pick_fwd_config(1536), gpu) == 9
+    assert ts.pick_segments(24, 1536, 1, 16384, ts.pick_fwd_config(1536), gpu) == 3
+    # at least half the target already: one pass
+    assert ts.pick_segments(64, 1536, 1, 16384, ts.pick_fwd_config(1536), gpu) == 1
 
 
 def test_bf16_error_within_twice_pytorch_fp32():

@@ -14,22 +14,23 @@ State and all accumulation are fp32; ``out`` has ``u.dtype``.
 
 Kernel design (numbers and history in docs/KERNEL_NOTES.md):
 
-* one program per (batch, block of BD channels inside one group); it walks the sequence in
-  chunks of BL steps, holding the state (N, BD) in registers. Per chunk it reads u, delta, z,
-  B, C once, fuses bias + softplus, discretisation, the scan, the C contraction, the D skip
-  and the z gate, and writes ``out`` once.
-* inside a chunk the recurrence is a ``tl.associative_scan`` over the time axis, which the
-  layout keeps inside each thread (so it compiles to a sequential multiply-add chain); the
-  carried state enters through the first element, so no separate carry pass is needed.
-* work tiles are 5-D (BL, NI, DW, NL, DL): state n = ni*NL + nl, channel d = dw*DL + dl.
-  Triton picks the register layout itself; with A passed channel-contiguous it keeps time, NL
-  and 4 channels in registers and puts NI and the other channel factors on lanes/warps
-  (measured choices and their costs: docs/KERNEL_NOTES.md).
-* the forward saves the state every CK chunks (B, n_ckpt, N, D) fp32. The backward walks the
-  checkpoint segments from the end, re-runs the forward inside a segment (start states of
-  its chunks go to a small per-program scratch buffer), then runs the adjoint scan backwards
-  chunk by chunk. dB, dC (reductions over channels) are summed per program and added with
-  fp32 atomics; dA, dD, d(delta_bias) are per-(batch, channel) partials summed on the host.
+* forward (v7): one thread per channel, holding all N states of that channel and a chunk of
+  T = 8 time steps in registers; a program is 32 * num_warps channels of one group. Per step
+  and state: one exp2 and three FMA-class operations; the C contraction, softplus, D skip and
+  z gate need no other lane. u, delta, z are read once (the next chunk's one iteration ahead),
+  ``out`` written once. B and C are passed transposed, (B, G, L_pad + 1, NP) fp32, so a
+  step's row of states is one broadcast load (read one step ahead, and pulled into L1 a chunk
+  ahead). When batch x channels give too few warps to hide those loads, the sequence is cut
+  into time segments scanned in parallel (pass 1: each segment's final state from zero and its
+  sum of delta; a tiny combine kernel; pass 2: every segment from its true start state).
+* the forward saves the state every 64 steps (B, n_ckpt, N, D) fp32.
+* backward (v3): one program per (batch, block of channels) with 5-D work tiles
+  (BL, NI, DW, NL, DL), state n = ni*NL + nl, channel d = dw*DL + dl; the in-chunk recurrence
+  is a ``tl.associative_scan`` over the in-register time axis. It walks the checkpoint
+  segments from the end, re-runs the forward inside a segment (start states of its chunks go
+  to a small per-program scratch buffer), then runs the adjoint scan backwards chunk by chunk.
+  dB, dC (reductions over channels) are summed per program and added with fp32 atomics; dA,
+  dD, d(delta_bias) are per-(batch, channel) partials summed on the host.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from alignmamba.errors import AlignMambaError
 
-__all__ = ["ScanConfig", "pick_config", "prefetch_default", "selective_scan_triton"]
+__all__ = ["FwdConfig", "ScanConfig", "pick_config", "pick_fwd_config", "selective_scan_triton"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -132,6 +133,21 @@ def _dt_of(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 
 
 @triton.jit
+def _prefetch_l1(ptrs):
+    # pull the lines at ptrs into L1 (no register, no wait): PTX prefetch, CUDA only
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pick_col(x, sel):
+    # x[:, t] of an (R, T) tile for the one t where sel (1, T) holds; T is the in-register axis,
+    # so this is a register pick (the -0.0 filler lets the compiler fold the adds away)
+    neg_zero = tl.full(x.shape, 0x80000000, tl.uint32).to(tl.float32, bitcast=True)
+    return tl.sum(tl.where(sel, x, neg_zero), axis=1)
+
+
+@triton.jit
 def _ssm_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, last_ptr, ckpt_ptr, dsum_ptr,
@@ -139,8 +155,8 @@ def _ssm_fwd_kernel(
     s_ub, s_ud, s_ul,
     s_tb, s_td, s_tl,
     s_ad, s_an,
-    s_bb, s_bg, s_bn, s_bl,
-    s_cb, s_cg, s_cn, s_cl,
+    s_bb, s_bg, s_bl,
+    s_cb, s_cg, s_cl,
     s_zb, s_zd, s_zl,
     s_ob, s_od, s_ol,
     s_hb, s_hs, s_hd, s_hn,
@@ -149,20 +165,24 @@ def _ssm_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr,
     STORE_CKPT: tl.constexpr, STORE_OUT: tl.constexpr, STORE_DSUM: tl.constexpr,
-    BL: tl.constexpr, NI: tl.constexpr, NL: tl.constexpr, DW: tl.constexpr, DL: tl.constexpr,
-    CK: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr = False,
+    T: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CK: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """Forward over time segment ``program_id(2)`` ([seg * seg_len, +seg_len), seg_len a
-    multiple of BL * CK; one segment = the whole sequence). h0 / last are per (batch,
-    segment) with segment stride s_hs (0 for one segment). STORE_OUT=False computes only the
-    segment's final state (and, with STORE_DSUM, sum_t delta'_t per channel): the first
-    pass of the segment-parallel forward (``_fwd``).
+    multiple of T * CK; one segment = the whole sequence) for BD channels of one group.
 
-    PREFETCH (opt-in, KERNEL_NOTES v6): register double-buffering. The u, delta, z, B, C
-    tiles of chunk c+1 are loaded (as stored, unconverted) at the top of iteration c into
-    loop-carried tensors and consumed one iteration later, so their DRAM latency overlaps
-    chunk c's arithmetic instead of stalling the start of chunk c+1. Loads past the
-    segment end are masked off. Same operations on the same values: same results."""
+    Layout (KERNEL_NOTES v7): one thread per channel, holding that channel's NP states and a
+    chunk of T time steps in registers: the (BD, T) stream tiles load as T contiguous steps
+    per thread, and every (BD, NP) tile derived from them keeps one row per thread, so the
+    C contraction over the states and softplus/gate per (t, d) need no other lane. The T
+    steps of a chunk are unrolled: per step, one exp2 and three FMA-class operations per
+    state. B and C come transposed and zero-padded, (B, G, L_pad, NP) fp32: one state row
+    per step is a broadcast load, unmasked. The next chunk's u, delta, z are loaded one
+    iteration ahead (register double buffering) so their DRAM latency overlaps this chunk.
+
+    h0 / last are per (batch, segment) with segment stride s_hs (0 for one segment).
+    STORE_OUT=False computes only the segment's final state (and, with STORE_DSUM,
+    sum_t delta'_t per channel): pass 1 of the segment-parallel forward (``_fwd``)."""
     pid_blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     seg = tl.program_id(2)
@@ -170,125 +190,106 @@ def _ssm_fwd_kernel(
     l_end = tl.minimum(L, l_beg + seg_len)
     g = pid_blk // n_blk_g
     d_lo = g * Dg
-    d0 = d_lo + (pid_blk % n_blk_g) * (DW * DL)
     d_hi = d_lo + Dg
 
-    # (time, channel) tiles: (BL, DW, DL)
-    t3 = tl.arange(0, BL)[:, None, None]
-    d3 = d0 + tl.arange(0, DW)[None, :, None] * DL + tl.arange(0, DL)[None, None, :]
-    dm3 = d3 < d_hi
-    # full work tiles: (BL, NI, DW, NL, DL)
-    t5 = tl.arange(0, BL)[:, None, None, None, None]
-    n5 = tl.arange(0, NI)[None, :, None, None, None] * NL + tl.arange(0, NL)[None, None, None, :, None]
-    d5 = (d0 + tl.arange(0, DW)[None, None, :, None, None] * DL
-          + tl.arange(0, DL)[None, None, None, None, :])
-    nm5 = n5 < N
-    # state tiles: (NI, DW, NL, DL)
-    n4 = tl.arange(0, NI)[:, None, None, None] * NL + tl.arange(0, NL)[None, None, :, None]
-    d4 = d0 + tl.arange(0, DW)[None, :, None, None] * DL + tl.arange(0, DL)[None, None, None, :]
-    sm4 = (n4 < N) & (d4 < d_hi)
+    dr = d_lo + (pid_blk % n_blk_g) * BD + tl.arange(0, BD)   # (BD,) channels
+    nn = tl.arange(0, NP)                                    # (NP,) states
+    d2 = dr[:, None]                                         # (BD, 1)
+    dm2 = d2 < d_hi
+    t2 = tl.arange(0, T)[None, :]                            # (1, T)
+    n2 = nn[None, :]                                         # (1, NP)
+    sm2 = dm2 & (n2 < N)                                     # (BD, NP)
 
-    # A pre-scaled by log2(e) so that the discretisation is one exp2
-    A5 = tl.load(A_ptr + d5 * s_ad + n5 * s_an, mask=nm5 & (d5 < d_hi), other=0.0).to(tl.float32)
-    A5 = A5 * 1.4426950408889634
+    # A pre-scaled by log2(e) so that the discretisation is one exp2; padded states get
+    # A = 0 and B = C = 0, so they stay at 0 and add nothing
+    A2 = tl.load(A_ptr + d2 * s_ad + n2 * s_an, mask=sm2, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
     if HAS_BIAS:
-        bias3 = tl.load(bias_ptr + d3, mask=dm3, other=0.0).to(tl.float32)
+        bias2 = tl.load(bias_ptr + d2, mask=dm2, other=0.0).to(tl.float32)
     else:
-        bias3 = 0.0
+        bias2 = 0.0
     if HAS_D:
-        Dv3 = tl.load(D_ptr + d3, mask=dm3, other=0.0).to(tl.float32)
+        Dv2 = tl.load(D_ptr + d2, mask=dm2, other=0.0).to(tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + b * s_hb + seg * s_hs + d4 * s_hd + n4 * s_hn, mask=sm4,
+        h = tl.load(h0_ptr + b * s_hb + seg * s_hs + d2 * s_hd + n2 * s_hn, mask=sm2,
                     other=0.0).to(tl.float32)
     else:
-        h = tl.zeros((NI, DW, NL, DL), dtype=tl.float32)
+        h = tl.zeros((BD, NP), dtype=tl.float32)
     if STORE_DSUM:
-        dsum = tl.zeros((DW, DL), dtype=tl.float32)
+        dsum = tl.zeros((BD,), dtype=tl.float32)
 
-    u_ptrs = u_ptr + b * s_ub + d3 * s_ud + t3 * s_ul
-    dt_ptrs = dt_ptr + b * s_tb + d3 * s_td + t3 * s_tl
-    z_ptrs = z_ptr + b * s_zb + d3 * s_zd + t3 * s_zl
-    o_ptrs = out_ptr + b * s_ob + d3 * s_od + t3 * s_ol
-    B_ptrs = B_ptr + b * s_bb + g * s_bg + n5 * s_bn + t5 * s_bl
-    C_ptrs = C_ptr + b * s_cb + g * s_cg + n5 * s_cn + t5 * s_cl
+    u_ptrs = u_ptr + b * s_ub + d2 * s_ud + t2 * s_ul
+    dt_ptrs = dt_ptr + b * s_tb + d2 * s_td + t2 * s_tl
+    z_ptrs = z_ptr + b * s_zb + d2 * s_zd + t2 * s_zl
+    o_ptrs = out_ptr + b * s_ob + d2 * s_od + t2 * s_ol
+    B_row = B_ptr + b * s_bb + g * s_bg + nn
+    C_row = C_ptr + b * s_cb + g * s_cg + nn
+    l_pad = tl.cdiv(L, T) * T  # the padded B, C have l_pad + 1 rows
+    tt = tl.arange(0, T)
     # checkpoint index is global: segments start on checkpoint boundaries
-    k_ptrs = ckpt_ptr + b * s_kb + n4 * s_kn + d4 + (l_beg // (BL * CK)) * s_kc
+    k_ptrs = ckpt_ptr + b * s_kb + n2 * s_kn + d2 + (l_beg // (T * CK)) * s_kc
 
-    n_chunks = tl.cdiv(l_end - l_beg, BL)
-    if PREFETCH:
-        # chunk 0's tiles; iteration c then loads chunk c+1's before computing chunk c
-        pm3 = ((l_beg + t3) < l_end) & dm3
-        pm5 = ((l_beg + t5) < l_end) & nm5
-        u_nx = tl.load(u_ptrs + l_beg * s_ul, mask=pm3, other=0.0)
-        dt_nx = tl.load(dt_ptrs + l_beg * s_tl, mask=pm3, other=0.0)
-        B_nx = tl.load(B_ptrs + l_beg * s_bl, mask=pm5, other=0.0)
-        if STORE_OUT:
-            C_nx = tl.load(C_ptrs + l_beg * s_cl, mask=pm5, other=0.0)
-            if HAS_Z:
-                z_nx = tl.load(z_ptrs + l_beg * s_zl, mask=pm3, other=0.0)
+    # chunk 0's streams and first B, C rows; iteration c loads chunk c+1's streams before
+    # computing chunk c, and step t loads the rows of step t+1 (the last step: the next
+    # chunk's first rows; the padded B, C have a row past the last chunk for that)
+    pm = ((l_beg + t2) < l_end) & dm2
+    u_nx = tl.load(u_ptrs + l_beg * s_ul, mask=pm, other=0.0)
+    dt_nx = tl.load(dt_ptrs + l_beg * s_tl, mask=pm, other=0.0)
+    if STORE_OUT and HAS_Z:
+        z_nx = tl.load(z_ptrs + l_beg * s_zl, mask=pm, other=0.0)
+    B_nx = tl.load(B_row + l_beg * s_bl)
+    if STORE_OUT:
+        C_nx = tl.load(C_row + l_beg * s_cl)
+    n_chunks = tl.cdiv(l_end - l_beg, T)
     for c in range(n_chunks):
-        l0 = l_beg + c * BL
-        tm3 = ((l0 + t3) < l_end) & dm3
-        tm5 = ((l0 + t5) < l_end) & nm5
-        if PREFETCH:
-            u_cu = u_nx
-            dt_cu = dt_nx
-            B_cu = B_nx
+        l0 = l_beg + c * T
+        tm2 = ((l0 + t2) < l_end) & dm2
+        u = u_nx.to(tl.float32)
+        raw = dt_nx.to(tl.float32)
+        if STORE_OUT and HAS_Z:
+            zv = z_nx.to(tl.float32)
+        # masked off after the last chunk
+        pm = ((l0 + T + t2) < l_end) & dm2
+        u_nx = tl.load(u_ptrs + (l0 + T) * s_ul, mask=pm, other=0.0)
+        dt_nx = tl.load(dt_ptrs + (l0 + T) * s_tl, mask=pm, other=0.0)
+        if STORE_OUT and HAS_Z:
+            z_nx = tl.load(z_ptrs + (l0 + T) * s_zl, mask=pm, other=0.0)
+        if FAST:
+            # the next chunk's B, C rows into L1 now, so that the row loads one step ahead
+            # hit L1 (KERNEL_NOTES v7, runs 4-6)
+            rows = tl.minimum(l0 + T + tt, l_pad)
+            _prefetch_l1(B_ptr + b * s_bb + g * s_bg + rows * s_bl)
             if STORE_OUT:
-                C_cu = C_nx
-                if HAS_Z:
-                    z_cu = z_nx
-            # issue chunk c+1's loads first (all masked off after the last chunk)
-            l1 = l0 + BL
-            pm3 = ((l1 + t3) < l_end) & dm3
-            pm5 = ((l1 + t5) < l_end) & nm5
-            u_nx = tl.load(u_ptrs + l1 * s_ul, mask=pm3, other=0.0)
-            dt_nx = tl.load(dt_ptrs + l1 * s_tl, mask=pm3, other=0.0)
-            B_nx = tl.load(B_ptrs + l1 * s_bl, mask=pm5, other=0.0)
-            if STORE_OUT:
-                C_nx = tl.load(C_ptrs + l1 * s_cl, mask=pm5, other=0.0)
-                if HAS_Z:
-                    z_nx = tl.load(z_ptrs + l1 * s_zl, mask=pm3, other=0.0)
-            u = u_cu.to(tl.float32)
-            _, dt = _dt_of(dt_cu.to(tl.float32), tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
-            Bt = B_cu.to(tl.float32)
-        else:
-            u = tl.load(u_ptrs + l0 * s_ul, mask=tm3, other=0.0).to(tl.float32)
-            _, dt = _load_dt(dt_ptrs + l0 * s_tl, tm3, bias3, HAS_BIAS, SOFTPLUS, FAST)
-            Bt = tl.load(B_ptrs + l0 * s_bl, mask=tm5, other=0.0).to(tl.float32)
+                _prefetch_l1(C_ptr + b * s_cb + g * s_cg + rows * s_cl)
+        _, dt = _dt_of(raw, tm2, bias2, HAS_BIAS, SOFTPLUS, FAST)  # 0 on masked steps
         if STORE_CKPT and (c % CK == 0):
-                tl.store(k_ptrs + (c // CK) * s_kc, h, mask=sm4)
-
-        dA = tl.exp2(_to5(dt) * A5)
-        dBu = _to5(dt * u) * Bt
-        # fold the carried state into the first step: h_0 = dA_0 h_prev + dBu_0
-        dBu = tl.where(t5 == 0, dBu + dA * h[None, :, :, :, :], dBu)
-        _, hh = tl.associative_scan((dA, dBu), 0, _affine_combine)
-        h = _pick_step(hh, t5 == BL - 1)
+            tl.store(k_ptrs + (c // CK) * s_kc, h, mask=sm2)
         if STORE_DSUM:
-            dsum += tl.sum(dt, axis=0)  # masked steps hold delta' = 0
-
+            dsum += tl.sum(dt, axis=1)
+        dtu = dt * u
+        y = tl.zeros((BD, T), dtype=tl.float32)
+        for t in tl.static_range(T):
+            sel = t2 == t
+            Bt = B_nx
+            B_nx = tl.load(B_row + (l0 + t + 1) * s_bl)
+            if STORE_OUT:
+                Ct = C_nx
+                C_nx = tl.load(C_row + (l0 + t + 1) * s_cl)
+            dA = tl.exp2(_pick_col(dt, sel)[:, None] * A2)
+            h = dA * h + _pick_col(dtu, sel)[:, None] * Bt[None, :]
+            if STORE_OUT:
+                y = tl.where(sel, tl.sum(h * Ct[None, :], axis=1)[:, None], y)
         if STORE_OUT:
-            if PREFETCH:
-                Ct = C_cu.to(tl.float32)
-            else:
-                Ct = tl.load(C_ptrs + l0 * s_cl, mask=tm5, other=0.0).to(tl.float32)
-            y = _sum_n(hh * Ct)
             if HAS_D:
-                y += Dv3 * u
+                y += Dv2 * u
             if HAS_Z:
-                if PREFETCH:
-                    zv = z_cu.to(tl.float32)
-                else:
-                    zv = tl.load(z_ptrs + l0 * s_zl, mask=tm3, other=0.0).to(tl.float32)
                 y = y * zv * _sigmoid(zv)
-            tl.store(o_ptrs + l0 * s_ol, y, mask=tm3)
+            tl.store(o_ptrs + l0 * s_ol, y, mask=tm2)
 
     if STORE_LAST:
-        tl.store(last_ptr + b * s_hb + seg * s_hs + d4 * s_hd + n4 * s_hn, h, mask=sm4)
+        tl.store(last_ptr + b * s_hb + seg * s_hs + d2 * s_hd + n2 * s_hn, h, mask=sm2)
     if STORE_DSUM:
-        d2 = d0 + tl.arange(0, DW)[:, None] * DL + tl.arange(0, DL)[None, :]
-        tl.store(dsum_ptr + b * s_sb + seg * s_ss + d2, dsum, mask=d2 < d_hi)
+        tl.store(dsum_ptr + b * s_sb + seg * s_ss + dr, dsum, mask=dr < d_hi)
 
 
 @triton.jit
@@ -572,6 +573,43 @@ def pick_config(
     return ScanConfig(BL=BL, NI=NI, NL=NL, DW=DW, DL=DL, CK=CK, num_warps=num_warps)
 
 
+class FwdConfig:
+    """Tile of one forward program (KERNEL_NOTES v7): BD = 32 * num_warps channels, one per
+    thread, each with all its states; T time steps per chunk (a power of 2); the state is
+    saved every T * CK steps (must equal the backward's BL * CK)."""
+
+    __slots__ = ("CK", "T", "num_warps")
+
+    def __init__(self, T: int, CK: int, num_warps: int):
+        for name, v in (("T", T), ("num_warps", num_warps)):
+            if v < 1 or v & (v - 1):
+                raise AlignMambaError(f"selective_scan_triton: config {name}={v} must be a power of 2")
+        if CK < 1:
+            raise AlignMambaError("selective_scan_triton: config CK must be >= 1")
+        self.T, self.CK, self.num_warps = T, CK, num_warps
+
+    @property
+    def block_d(self) -> int:
+        return 32 * self.num_warps
+
+    def meta(self) -> dict:
+        return {"T": self.T, "BD": self.block_d, "CK": self.CK}
+
+    def __repr__(self) -> str:
+        return f"FwdConfig(T={self.T}, CK={self.CK}, num_warps={self.num_warps})"
+
+
+def pick_fwd_config(group_dim: int, block_l: int | None = None,
+                    chunks_per_ckpt: int | None = None) -> FwdConfig:
+    """Default forward tile: T = 8 steps per chunk (one 16-byte load per bf16 stream and
+    thread), 4 warps = 128 channels per program (fewer when a group has fewer channels),
+    checkpoints every 64 steps as the backward expects."""
+    T = block_l if block_l is not None else 8
+    CK = chunks_per_ckpt if chunks_per_ckpt is not None else max(1, 64 // T)
+    num_warps = max(1, min(4, _pow2_ceil(_cdiv(group_dim, 32))))
+    return FwdConfig(T, CK, num_warps)
+
+
 # ------------------------------------------------------------------------------------------
 # argument checks and launches
 # ------------------------------------------------------------------------------------------
@@ -630,10 +668,21 @@ def _lastdim_contig(t: Tensor | None) -> Tensor | None:
 
 
 def _prep_bc(t: Tensor) -> Tensor:
-    """B or C as fp32 with contiguous time: (B, G, N, L) is N*D times smaller than the (B, D, L)
-    streams, so converting it once costs ~1% extra traffic and saves every program from
-    unpacking bf16 for its own copy of the tile (KERNEL_NOTES v3)."""
+    """B or C for the backward: fp32 with contiguous time, (B, G, N, L). It is N*D times
+    smaller than the (B, D, L) streams, so converting it once costs ~1% extra traffic and
+    saves every program from unpacking bf16 for its own copy of the tile (KERNEL_NOTES v3)."""
     return _lastdim_contig(t.to(torch.float32))
+
+
+def _rows_bc(t: Tensor, T: int) -> Tensor:
+    """B or C for the forward (KERNEL_NOTES v7): (B, G, L_pad + 1, NP) fp32, one row of states
+    per step, zero-padded to a whole number of T-step chunks plus one row (read ahead by the
+    last step) and to NP = next power of 2 >= N, so the kernel's row loads need no mask."""
+    bsz, groups, dstate, length = t.shape
+    out = torch.zeros(bsz, groups, _cdiv(length, T) * T + 1, _pow2_ceil(dstate),
+                      device=t.device, dtype=torch.float32)
+    out[:, :, :length, :dstate] = t.transpose(-1, -2)
+    return out
 
 
 def _fast_math() -> bool:
@@ -647,41 +696,32 @@ def _grid(bsz: int, dim: int, groups: int, cfg: ScanConfig) -> tuple[tuple[int, 
     return (groups * n_blk_g, bsz), n_blk_g
 
 
-# Segment-parallel forward: below this many programs per SM the sequential walk over time
-# leaves the GPU idle (batch 1, D 512: 4 programs for 132 SMs; KERNEL_NOTES, run 3), so the
-# sequence is cut into segments scanned in parallel. Segments are at least MIN_SEG_STEPS long.
-PROGRAMS_PER_SM = 4
-MIN_SEG_STEPS = 256
+# Segment-parallel forward: each warp walks its 32 channels through the whole sequence and
+# stalls on every step's loads, so it needs many warps per SM to run at speed (batch 1, D 512:
+# 16 warps for 132 SMs). When batch x channels give fewer than half of SEG_WARPS_PER_SM warps
+# per SM, the sequence is cut into segments scanned in parallel (two passes: ~1.9x the work),
+# enough to reach SEG_WARPS_PER_SM, each at least MIN_SEG_STEPS long. (Sweeps on the H100:
+# docs/KERNEL_NOTES.md, v7.)
+SEG_WARPS_PER_SM = 24
+MIN_SEG_STEPS = 128
 
 
-_PREFETCH_ENV: bool | None = None
-
-
-def prefetch_default() -> bool:
-    """Whether the forward uses the register-prefetching kernel when not told (KERNEL_NOTES v6):
-    off unless ALIGNMAMBA_SCAN_PREFETCH=1 (or true/yes), read once per process."""
-    global _PREFETCH_ENV
-    if _PREFETCH_ENV is None:
-        v = os.environ.get("ALIGNMAMBA_SCAN_PREFETCH", "0").strip().lower()
-        _PREFETCH_ENV = v in ("1", "true", "yes", "on")
-    return _PREFETCH_ENV
-
-
-def pick_segments(bsz: int, dim: int, groups: int, length: int, cfg: ScanConfig,
+def pick_segments(bsz: int, dim: int, groups: int, length: int, cfg: FwdConfig,
                   device: torch.device) -> int:
     """How many time segments the forward runs in parallel (1 = the plain single pass)."""
     if device.type != "cuda":
         return 1
-    n_prog = _grid(bsz, dim, groups, cfg)[0][0] * bsz
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = _cdiv(PROGRAMS_PER_SM * sms, n_prog)
-    return max(1, min(want, length // MIN_SEG_STEPS))
+    warps = _grid(bsz, dim, groups, cfg)[0][0] * bsz * cfg.num_warps
+    target = SEG_WARPS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    if 2 * warps > target:
+        return 1
+    return max(1, min(_cdiv(target, warps), length // MIN_SEG_STEPS))
 
 
-def _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, h0, out, last, ckpt, dsum, segments,
-                seg_len, softplus, cfg: ScanConfig, store_out: bool, prefetch: bool = False):
+def _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, h0, out, last, ckpt, dsum, segments,
+                seg_len, softplus, cfg: FwdConfig, store_out: bool):
     bsz, dim, length = u.shape
-    groups, dstate = Bg.shape[1], At.shape[0]
+    groups = Bf.shape[1]
     (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg)
     dummy = u  # never read when the matching flag is off
     hs = h0 if h0 is not None else last
@@ -695,63 +735,60 @@ def _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, h0, out, last, ckpt, dsu
     os_ = out if out is not None else u
     ks = ckpt if ckpt is not None else torch.empty(1, 1, 1, device=u.device)
     _ssm_fwd_kernel[(gx, bsz, segments)](
-        u, delta, At, Bg, Cg,
+        u, delta, At, Bf, Cf,
         D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
         h0 if h0 is not None else dummy,
         out if out is not None else dummy, last if last is not None else dummy, ks,
         dsum if dsum is not None else dummy,
-        length, dstate, dim // groups, n_blk_g, seg_len,
-        *u.stride(), *delta.stride(), At.stride(1), At.stride(0), *Bg.stride(), *Cg.stride(), *zs.stride(),
-        *os_.stride(),
+        length, At.shape[0], dim // groups, n_blk_g, seg_len,
+        *u.stride(), *delta.stride(), At.stride(1), At.stride(0), *Bf.stride()[:3],
+        *Cf.stride()[:3], *zs.stride(), *os_.stride(),
         *h_strides,
         ks.stride(0), ks.stride(1), ks.stride(2),
         *(dsum.stride()[:2] if dsum is not None else (0, 0)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, STORE_LAST=last is not None,
         STORE_CKPT=ckpt is not None, STORE_OUT=store_out, STORE_DSUM=dsum is not None,
-        FAST=_fast_math(), PREFETCH=bool(prefetch), num_warps=cfg.num_warps, **cfg.meta(),
+        NP=Bf.shape[3], FAST=_fast_math(), num_warps=cfg.num_warps, **cfg.meta(),
     )
 
 
-def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
-         cfg: ScanConfig, segments: int = 1, prefetch: bool | None = None):
-    """Forward launches. ``segments`` > 1: three passes (local final states and delta sums per
-    segment; the sequential combination of those S states, a tiny kernel; the full forward of
-    every segment from its true start state). Same results as one pass up to fp32 rounding
-    (the start states are composed in another order). ``prefetch``: the opt-in
-    register-prefetching forward kernel (None: :func:`prefetch_default`)."""
-    prefetch = prefetch_default() if prefetch is None else bool(prefetch)
+def _fwd(u, delta, A, Bf, Cf, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
+         cfg: FwdConfig, segments: int = 1):
+    """Forward launches; Bf, Cf from :func:`_rows_bc`. ``segments`` > 1: three passes (local
+    final states and delta sums per segment; the sequential combination of those S states, a
+    tiny kernel; the full forward of every segment from its true start state). Same results
+    as one pass up to fp32 rounding (the start states are composed in another order)."""
     bsz, dim, length = u.shape
     dstate = A.shape[1]
-    # A as (N, D), channel-contiguous: its load then fixes the layout of the work tiles
-    # (see docs/KERNEL_NOTES.md, v2); a (D, N) load made Triton put states on the lanes
+    # A as (N, D): the kernel reads it once per program, any layout is fine
     At = A.t().contiguous()
     f32 = torch.float32
     dev = u.device
     out = torch.empty_like(u)
-    n_ck = _cdiv(_cdiv(length, cfg.BL), cfg.CK) if store_ckpt else 0
+    step = cfg.T * cfg.CK  # checkpoint spacing; segments start on checkpoint boundaries
+    n_ck = _cdiv(length, step) if store_ckpt else 0
     ckpt = torch.empty(bsz, n_ck, dstate, dim, device=dev, dtype=f32) if store_ckpt else None
-    step = cfg.BL * cfg.CK  # segments start on checkpoint boundaries
     seg_len = _cdiv(_cdiv(length, max(1, segments)), step) * step
     segments = _cdiv(length, seg_len) if segments > 1 else 1
     if segments == 1:
         last = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if store_last else None
-        _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, h0, out, last, ckpt, None, 1, length,
-                    softplus, cfg, True, prefetch)
+        _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, h0, out, last, ckpt, None, 1,
+                    length, softplus, cfg, True)
         return out, last, ckpt
     local = torch.empty(bsz, segments, dim, dstate, device=dev, dtype=f32)
     dsum = torch.empty(bsz, segments, dim, device=dev, dtype=f32)
-    _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, None, None, local, None, dsum, segments,
-                seg_len, softplus, cfg, False, prefetch)
+    _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, None, None, local, None, dsum, segments,
+                seg_len, softplus, cfg, False)
     start = torch.empty_like(local)
     final = torch.empty(bsz, dim, dstate, device=dev, dtype=f32)
     block = 256
     _seg_combine_kernel[(_cdiv(dim * dstate, block), bsz)](
         local, dsum, A.contiguous(), h0 if h0 is not None else local, start, final,
         segments, dim * dstate, dstate, HAS_H0=h0 is not None, BLOCK=block)
-    _launch_fwd(u, delta, At, Bg, Cg, D, z, delta_bias, start, out, None, ckpt, None, segments,
-                seg_len, softplus, cfg, True, prefetch)
+    _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, start, out, None, ckpt, None, segments,
+                seg_len, softplus, cfg, True)
     return out, (final if store_last else None), ckpt
 
 
@@ -810,19 +847,18 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
-                return_last_state, need_grad, cfg_f, cfg_b, segments,
-                prefetch):  # type: ignore[override]
+                return_last_state, need_grad, cfg_f, cfg_b, segments):  # type: ignore[override]
         Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
         u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
-        Bg, Cg = _prep_bc(Bg), _prep_bc(Cg)
         h0 = initial_state.contiguous() if initial_state is not None else None
-        # the backward walks the forward's checkpoints: both passes must use the same BL, CK
-        cfg_b = ScanConfig(cfg_f.BL, cfg_b.NI, cfg_b.NL, cfg_b.DW, cfg_b.DL, cfg_f.CK,
-                           cfg_b.num_warps)
-        out, last, ckpt = _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus,
-                               return_last_state, need_grad, cfg_f, segments, prefetch)
+        # the backward walks the forward's checkpoints: same spacing in steps
+        assert cfg_f.T * cfg_f.CK == cfg_b.BL * cfg_b.CK, (cfg_f, cfg_b)
+        out, last, ckpt = _fwd(u, delta, A, _rows_bc(Bg, cfg_f.T), _rows_bc(Cg, cfg_f.T), D, z,
+                               delta_bias, h0, softplus, return_last_state, need_grad, cfg_f,
+                               segments)
         if need_grad:
-            ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt)
+            ctx.save_for_backward(u, delta, A, _prep_bc(Bg), _prep_bc(Cg), D, z, delta_bias, h0,
+                                  ckpt)
             ctx.softplus = softplus
             ctx.cfg_b = cfg_b
             ctx.b_dims = B.dim()
@@ -855,8 +891,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             dbias = dbias.to(delta_bias.dtype)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
-        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None,
-                None)
+        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None)
 
 
 def selective_scan_triton(
@@ -875,7 +910,6 @@ def selective_scan_triton(
     block_l: int | None = None,
     chunks_per_ckpt: int | None = None,
     segments: int | None = None,
-    prefetch: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused selective scan (SPEC section 1, mamba-ssm ``selective_scan_ref`` semantics).
 
@@ -883,12 +917,10 @@ def selective_scan_triton(
     D, delta_bias: (D,); initial_state: (B, D, N). Returns out (B, D, L) in ``u.dtype``, or
     (out, last_state (B, D, N) fp32). Differentiable in every tensor argument. Runs on CUDA,
     or on CPU under ``TRITON_INTERPRET=1`` (slow; tests only). ``block_l`` (power of 2) and
-    ``chunks_per_ckpt`` override the tile length and checkpoint spacing. ``segments``: time
-    segments the forward scans in parallel (None: :func:`pick_segments`, more than one only
-    when batch x channels leave the GPU's SMs idle; the backward is unchanged). ``prefetch``:
-    opt-in forward kernel that loads the next chunk's tiles while computing the current one
-    (None: off unless the environment variable ALIGNMAMBA_SCAN_PREFETCH=1; same results,
-    speed not yet measured: docs/KERNEL_NOTES.md v6).
+    ``chunks_per_ckpt`` override the time tile of both passes and the checkpoint spacing
+    (``block_l * chunks_per_ckpt`` steps). ``segments``: time segments the forward scans in
+    parallel (None: :func:`pick_segments`, more than one only when batch x channels leave the
+    GPU's SMs idle; the backward is unchanged).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -897,11 +929,13 @@ def selective_scan_triton(
     dstate = A.shape[1]
     groups = 1 if B.dim() == 3 else B.shape[1]
     dg = u.shape[1] // groups
-    cfg_f = pick_config(dstate, dg, False, block_l, chunks_per_ckpt)
-    cfg_b = pick_config(dstate, dg, True, block_l, chunks_per_ckpt)
+    cfg_f = pick_fwd_config(dg, block_l, chunks_per_ckpt)
+    step = cfg_f.T * cfg_f.CK
+    # the backward's tile: its own default length unless told, the forward's spacing
+    bl_b = block_l if block_l is not None else min(4, step)
+    cfg_b = pick_config(dstate, dg, True, bl_b, step // bl_b)
     if segments is None:
         segments = pick_segments(u.shape[0], u.shape[1], groups, u.shape[2], cfg_f, u.device)
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                   bool(delta_softplus), bool(return_last_state), need_grad,
-                                  cfg_f, cfg_b, max(1, int(segments)),
-                                  prefetch_default() if prefetch is None else bool(prefetch))
+                                  cfg_f, cfg_b, max(1, int(segments)))

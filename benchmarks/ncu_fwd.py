@@ -1,0 +1,43 @@
+"""One forward scan launch per variant, for Nsight Compute (stall reasons per SASS line).
+
+``ncu -k regex:_ssm_fwd_kernel -o rep python benchmarks/ncu_fwd.py [--batch B --dim D --length L]``
+then ``ncu -i rep.ncu-rep --page source --csv --print-source sass``. Runs the single-pass forward
+without and with state checkpoints (issue-6 shape by default), after one warm-up each.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_scan import make_inputs
+
+from alignmamba.ssm import triton_scan as ts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--segments", type=int, default=1)
+    a = ap.parse_args()
+    x = make_inputs(a.batch, a.dim, 16, a.length)
+    u, delta, A, B, C, D, z, bias = (x[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
+                                                  "delta_bias"))
+    Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
+    cf = ts.pick_fwd_config(a.dim)
+    Bf, Cf = ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T)
+    for ck in (False, True):
+        for _ in range(2):  # the first compiles; ncu profiles every matching launch
+            ts._fwd(u, delta, A, Bf, Cf, D, z, bias, None, True, False, ck, cf, a.segments)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
