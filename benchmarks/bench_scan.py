@@ -126,12 +126,13 @@ def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
     cf = ts.pick_fwd_config(u.shape[1])
     _, _, ckpt = ts._fwd(u, delta, A, ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T), D, z, bias,
                          None, True, False, True, cf)
-    for cb in configs_b:
+    for cb, seg in configs_b:
         t0 = time.time()
-        ms = median_ms(lambda cb=cb: ts._bwd(dout, None, u, delta, A, Bb, Cb, D, z, bias, None,
-                                             ckpt, True, cb), reps)
-        rows.append({"kind": "bwd", "cfg": repr(cb), "ms": ms, "wall_s": time.time() - t0})
-        print(f"  bwd {cb}: {ms:.3f} ms", flush=True)
+        ms = median_ms(lambda cb=cb, seg=seg: ts._bwd(dout, None, u, delta, A, Bb, Cb, D, z,
+                                                      bias, None, ckpt, True, cb, seg), reps)
+        rows.append({"kind": "bwd", "cfg": repr(cb), "segments": seg, "ms": ms,
+                     "wall_s": time.time() - t0})
+        print(f"  bwd {cb} segments {seg}: {ms:.3f} ms", flush=True)
     return rows
 
 
@@ -189,9 +190,9 @@ def main() -> None:
 
     if args.sweep:
         fwd_cfgs = [(FwdConfig(t, 64 // t, nw), seg)
-                    for t, nw, seg in ((8, 4, 1), (8, 2, 1), (8, 1, 1), (4, 4, 1), (8, 4, 2),
-                                       (8, 4, 3), (8, 4, 4))]
-        bwd_cfgs = [ScanConfig(4, 4, 4, dw, 8, 16, nw) for dw, nw in ((16, 4), (8, 2))]
+                    for t, nw, seg in ((8, 4, 1), (4, 4, 1), (8, 4, 4), (8, 4, 9), (4, 4, 9),
+                                       (8, 2, 9), (8, 4, 16))]
+        bwd_cfgs = [(ScanConfig(4, 4, 4, 16, 8, 16, 4), seg) for seg in (1, 2, 3, 4, 6, 8, 12)]
         result["sweep"] = sweep(x, dout, fwd_cfgs, bwd_cfgs, args.reps)
 
     def gbs(nb, ms):

@@ -169,12 +169,13 @@ def run_with_grads(fn, x, softplus, last, dtype_ref=None, seed=0):
     return out.detach(), (None if state is None else state.detach()), grads
 
 
-def triton_fn(block_l=None, ck=None, segments=None):
+def triton_fn(block_l=None, ck=None, segments=None, bwd_segments=None):
     def fn(x, softplus, last):
         return ts.selective_scan_triton(
             x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
             delta_softplus=softplus, return_last_state=last, initial_state=x["initial_state"],
-            block_l=block_l, chunks_per_ckpt=ck, segments=segments)
+            block_l=block_l, chunks_per_ckpt=ck, segments=segments,
+            bwd_segments=bwd_segments)
     return fn
 
 
@@ -341,6 +342,61 @@ def test_checkpoint_spacing_agrees_between_passes():
             assert f.T == b.BL == bl
 
 
+# Segment-parallel backward (KERNEL_NOTES v8): (L, BL, CK, forward segments, backward segments,
+# N, D, groups, has_z, has_bias, softplus, last, h0). Time segments of whole checkpoint
+# segments, a partial last one; with and without the gate (dy = dout * silu(z) in pass 1), a
+# final-state gradient (the seed of the last segment) and an initial state (dh0 from segment 0)
+BWD_SEG_CASES = [
+    (37, 4, 2, 1, 3, 4, 6, 2, True, True, True, True, True),
+    (50, 2, 4, 2, 4, 3, 5, 0, False, True, True, False, False),
+    (70, 16, 1, 1, 5, 8, 4, 0, True, False, False, True, False),
+    (29, 2, 2, 1, 8, 5, 3, 3, True, True, True, True, True),
+]
+
+
+@pytest.mark.parametrize("case", BWD_SEG_CASES,
+                         ids=[f"L{c[0]}-BL{c[1]}-CK{c[2]}-Sb{c[4]}" for c in BWD_SEG_CASES])
+def test_segment_parallel_backward_matches_float64(case):
+    """Pass 1 (each segment's local adjoint), the reverse combine and the per-segment backward
+    give every gradient of the float64 recurrence."""
+    L, BL, CK, S, Sb, N, D, G, has_z, has_bias, softplus, last, h0 = case
+    n_ck = ts._cdiv(L, BL * CK)
+    assert ts._cdiv(n_ck, ts._cdiv(n_ck, Sb)) > 1  # really more than one backward segment
+    x = make_inputs(2, D, N, L, G, True, has_z, has_bias, h0, torch.float32, seed=300 + L + Sb,
+                    softplus=softplus)
+    out, state, grads = run_with_grads(triton_fn(BL, CK, segments=S, bwd_segments=Sb), x,
+                                       softplus, last)
+    rout, rstate, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
+                                          dtype_ref=torch.float64)
+    assert rel_err(out, rout) < 1e-5
+    for k in GRAD_NAMES:
+        if x[k] is None:
+            continue
+        assert torch.isfinite(grads[k]).all(), k
+        err = rel_err(grads[k], rgrads[k])
+        assert err < 1e-5, f"grad {k}: rel err {err:.2e}"
+
+
+def test_backward_segments_only_when_the_gpu_would_idle(monkeypatch):
+    cfg = ts.pick_config(16, 512, True)
+    assert ts.pick_bwd_segments(1, 512, 1, 10_000, cfg, torch.device("cpu")) == 1
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+    gpu = torch.device("cuda")
+    # batch 1, D 512: 4 programs -> 264 segments for 8 per SM, capped by BWD_MIN_SEG_STEPS
+    assert ts.pick_bwd_segments(1, 512, 1, 65536, cfg, gpu) == 65536 // ts.BWD_MIN_SEG_STEPS
+    assert ts.pick_bwd_segments(1, 512, 1, 10626, cfg, gpu) == 10626 // ts.BWD_MIN_SEG_STEPS
+    assert ts.pick_bwd_segments(1, 512, 1, 300, cfg, gpu) == 1
+    # the issue-6 shape: 96 programs -> 11
+    big = ts.pick_config(16, 1536, True)
+    assert ts.pick_bwd_segments(8, 1536, 1, 16384, big, gpu) == 11
+    assert ts.pick_bwd_segments(16, 1536, 1, 16384, big, gpu) == 6
+    assert ts.pick_bwd_segments(24, 1536, 1, 16384, big, gpu) == 1  # 288 of 1056: enough
+
+
 def test_segments_are_only_picked_when_the_gpu_would_idle(monkeypatch):
     cfg = ts.pick_fwd_config(512)
     cpu = torch.device("cpu")
@@ -351,16 +407,17 @@ def test_segments_are_only_picked_when_the_gpu_would_idle(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
     gpu = torch.device("cuda")
-    # batch 1, D 512: 16 warps for 132 SMs -> 198 segments for 24 warps per SM, capped by
+    # batch 1, D 512: 16 warps for 132 SMs -> 396 segments for 48 warps per SM, capped by
     # MIN_SEG_STEPS
-    assert ts.pick_segments(1, 512, 1, 65536, cfg, gpu) == 198
+    assert ts.pick_segments(1, 512, 1, 65536, cfg, gpu) == 396
     assert ts.pick_segments(1, 512, 1, 10626, cfg, gpu) == 10626 // ts.MIN_SEG_STEPS
     assert ts.pick_segments(1, 512, 1, 200, cfg, gpu) == 1  # too short to cut
-    # the issue-6 shape: 384 warps -> 9 segments
-    assert ts.pick_segments(8, 1536, 1, 16384, ts.pick_fwd_config(1536), gpu) == 9
-    assert ts.pick_segments(24, 1536, 1, 16384, ts.pick_fwd_config(1536), gpu) == 3
-    # at least half the target already: one pass
-    assert ts.pick_segments(64, 1536, 1, 16384, ts.pick_fwd_config(1536), gpu) == 1
+    # the issue-6 shape: 384 warps -> 17 segments
+    big = ts.pick_fwd_config(1536)
+    assert ts.pick_segments(8, 1536, 1, 16384, big, gpu) == 17
+    assert ts.pick_segments(24, 1536, 1, 16384, big, gpu) == 6
+    # a quarter of the target already: one pass
+    assert ts.pick_segments(64, 1536, 1, 16384, big, gpu) == 1
 
 
 def test_bf16_error_within_twice_pytorch_fp32():

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from alignmamba.errors import AlignMambaError
 
-__all__ = ["FwdConfig", "ScanConfig", "pick_config", "pick_fwd_config", "selective_scan_triton"]
+__all__ = ["FwdConfig", "ScanConfig", "pick_bwd_segments", "pick_config", "pick_fwd_config",
+           "pick_segments", "selective_scan_triton"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -294,11 +295,17 @@ def _ssm_fwd_kernel(
 
 @triton.jit
 def _seg_combine_kernel(last_ptr, dsum_ptr, A_ptr, h0_ptr, start_ptr, final_ptr,
-                        S, DN, N, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
+                        S, DN, N, HAS_H0: tl.constexpr, BLOCK: tl.constexpr,
+                        REVERSE: tl.constexpr = False):
     """Second pass of the segment-parallel forward, for one batch row and BLOCK (d, n) pairs:
     start_s = exp(A sum(delta' over segment s-1)) start_{s-1} + local_{s-1}, start_0 = h0,
     where local_s is segment s's final state from a zero start. Also writes the sequence's
-    final state. last/start: (B, S, D, N), dsum: (B, S, D), h0/final: (B, D, N), contiguous."""
+    final state. last/start: (B, S, D, N), dsum: (B, S, D), h0/final: (B, D, N), contiguous.
+
+    REVERSE (the segment-parallel backward): the same recurrence over segments S-1 .. 0, with
+    local = each segment's adjoint at its first step from a zero seed, dsum = its sum of delta
+    shifted by one step, h0 = dlast: start_s is then the adjoint seed past segment s's end.
+    Nothing is written to final."""
     b = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < DN
@@ -308,12 +315,89 @@ def _seg_combine_kernel(last_ptr, dsum_ptr, A_ptr, h0_ptr, start_ptr, final_ptr,
         h = tl.load(h0_ptr + b * DN + i, mask=m, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(S):
+    for k in range(S):
+        if REVERSE:
+            s = S - 1 - k
+        else:
+            s = k
         tl.store(start_ptr + (b * S + s) * DN + i, h, mask=m)
         ds = tl.load(dsum_ptr + (b * S + s) * (DN // N) + d, mask=m, other=0.0)
         loc = tl.load(last_ptr + (b * S + s) * DN + i, mask=m, other=0.0)
         h = tl.exp2(a * ds) * h + loc
-    tl.store(final_ptr + b * DN + i, h, mask=m)
+    if not REVERSE:
+        tl.store(final_ptr + b * DN + i, h, mask=m)
+
+
+@triton.jit
+def _adj_local_kernel(
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, local_ptr, dsum_ptr,
+    L, N, Dg, n_blk_g, seg_len,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_cb, s_cg, s_cl,
+    s_zb, s_zd, s_zl,
+    s_gb, s_gd, s_gl,
+    s_hb, s_hs, s_hd, s_hn,
+    s_sb, s_ss,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    T: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, FAST: tl.constexpr,
+):
+    """Pass 1 of the segment-parallel backward (KERNEL_NOTES v8), the forward kernel's layout
+    (one thread per channel, all states in registers) walking time backwards. For segment
+    ``program_id(2)`` = [l_beg, l_end): its adjoint at l_beg from a zero seed past l_end,
+
+        sigma = sum_{t in seg} (prod_{l_beg < t' <= t} exp(delta_t' A)) C_t dy_t,
+
+    dy = dout (times silu(z) with a gate), and sum(delta_t', l_beg < t' <= l_end) with
+    delta_L = 0, so that s_{l_beg} = sigma + exp(A dsum) s_{l_end}. C is the forward's padded
+    (B, G, L_pad + 1, NP) copy. local: (B, S, D, N); dsum: (B, S, D)."""
+    pid_blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    l_beg = seg * seg_len
+    l_end = tl.minimum(L, l_beg + seg_len)
+    g = pid_blk // n_blk_g
+    d_lo = g * Dg
+    d_hi = d_lo + Dg
+    dr = d_lo + (pid_blk % n_blk_g) * BD + tl.arange(0, BD)
+    nn = tl.arange(0, NP)
+    d2 = dr[:, None]
+    dm2 = d2 < d_hi
+    t2 = tl.arange(0, T)[None, :]
+    n2 = nn[None, :]
+    sm2 = dm2 & (n2 < N)
+    A2 = tl.load(A_ptr + d2 * s_ad + n2 * s_an, mask=sm2, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
+    if HAS_BIAS:
+        bias2 = tl.load(bias_ptr + d2, mask=dm2, other=0.0).to(tl.float32)
+    else:
+        bias2 = 0.0
+    s = tl.zeros((BD, NP), dtype=tl.float32)
+    dsum = tl.zeros((BD,), dtype=tl.float32)
+    dt_ptrs = dt_ptr + b * s_tb + d2 * s_td + t2 * s_tl
+    z_ptrs = z_ptr + b * s_zb + d2 * s_zd + t2 * s_zl
+    g_ptrs = dout_ptr + b * s_gb + d2 * s_gd + t2 * s_gl
+    C_row = C_ptr + b * s_cb + g * s_cg + nn
+    n_chunks = tl.cdiv(l_end - l_beg, T)
+    for cr in range(n_chunks):
+        l0 = l_beg + (n_chunks - 1 - cr) * T
+        tm2 = ((l0 + t2) < l_end) & dm2
+        dy = tl.load(g_ptrs + l0 * s_gl, mask=tm2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptrs + l0 * s_zl, mask=tm2, other=0.0).to(tl.float32)
+            dy = dy * zv * _sigmoid(zv)
+        # delta at t + 1 (0 past the sequence, and on padded steps)
+        nm2 = tm2 & ((l0 + 1 + t2) < L)
+        raw = tl.load(dt_ptrs + (l0 + 1) * s_tl, mask=nm2, other=0.0).to(tl.float32)
+        _, dtn = _dt_of(raw, nm2, bias2, HAS_BIAS, SOFTPLUS, FAST)
+        dsum += tl.sum(dtn, axis=1)
+        for tr in tl.static_range(T):
+            sel = t2 == (T - 1 - tr)
+            Ct = tl.load(C_row + (l0 + T - 1 - tr) * s_cl)
+            s = (tl.exp2(_pick_col(dtn, sel)[:, None] * A2) * s
+                 + _pick_col(dy, sel)[:, None] * Ct[None, :])
+    tl.store(local_ptr + b * s_hb + seg * s_hs + d2 * s_hd + n2 * s_hn, s, mask=sm2)
+    tl.store(dsum_ptr + b * s_sb + seg * s_ss + dr, dsum, mask=dr < d_hi)
 
 
 @triton.jit
@@ -321,7 +405,7 @@ def _ssm_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ckpt_ptr,
     scr_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    L, N, Dg, n_blk_g, Dtot,
+    L, N, Dg, n_blk_g, Dtot, ck_per_seg,
     s_ub, s_ud, s_ul,
     s_tb, s_td, s_tl,
     s_ad, s_an,
@@ -346,9 +430,16 @@ def _ssm_bwd_kernel(
     ddelta_t = sum_n (A s_t e_t + s_t B_t u_t);  du_t = delta_t sum_n s_t B_t + D g_t
     dB_t = sum_d s_t delta_t u_t;  dC_t = sum_d g_t h_t.
     du, ddelta, dz share the (B, D, L) strides s_x*; dB, dC the (B, G, N, L) strides s_e*.
+
+    Time segment ``program_id(2)`` of S (KERNEL_NOTES v8) covers ``ck_per_seg`` checkpoint
+    segments; its adjoint seed s_{t_end} comes from dlast viewed as (B, S, D, N) (the
+    combined seeds of ``_bwd``; the sequence's dlast when S = 1). dA, dD, d(delta_bias) are
+    partials per (batch, segment) row b * S + seg; only segment 0 writes dh0.
     """
     pid_blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    tseg = tl.program_id(2)
+    bs = b * tl.num_programs(2) + tseg  # row of the per-(batch, segment) seeds and partials
     g = pid_blk // n_blk_g
     d_lo = g * Dg
     d0 = d_lo + (pid_blk % n_blk_g) * (DW * DL)
@@ -379,7 +470,7 @@ def _ssm_bwd_kernel(
     if HAS_D:
         Dv3 = tl.load(D_ptr + d3, mask=dm3, other=0.0).to(tl.float32)
     if HAS_DLAST:
-        s = tl.load(dlast_ptr + b * s_hb + d4 * s_hd + n4 * s_hn, mask=sm4, other=0.0)
+        s = tl.load(dlast_ptr + bs * s_hb + d4 * s_hd + n4 * s_hn, mask=sm4, other=0.0)
         s = s.to(tl.float32)
     else:
         s = tl.zeros((NI, DW, NL, DL), dtype=tl.float32)
@@ -398,13 +489,14 @@ def _ssm_bwd_kernel(
     e_off = b * s_eb + g * s_eg + nq * s_en + tq * s_el
     k_ptrs = ckpt_ptr + b * s_kb + n4 * s_kn + d4
     # per-program scratch for the chunk-start states of one segment: (CK, NP, BD)
-    pid_lin = tl.program_id(1) * tl.num_programs(0) + pid_blk
+    pid_lin = (tseg * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + pid_blk
     scr_ptrs = scr_ptr + pid_lin.to(tl.int64) * s_pb + n4 * (DW * DL) + dl4
 
     n_chunks = tl.cdiv(L, BL)
-    n_seg = tl.cdiv(n_chunks, CK)
-    for seg_r in range(n_seg):
-        seg = n_seg - 1 - seg_r
+    ck_lo = tseg * ck_per_seg
+    ck_hi = tl.minimum(tl.cdiv(n_chunks, CK), ck_lo + ck_per_seg)
+    for seg_r in range(ck_hi - ck_lo):
+        seg = ck_hi - 1 - seg_r
         h = tl.load(k_ptrs + seg * s_kc, mask=sm4, other=0.0)
         if CK > 1:
             # re-run the forward over the segment to get each chunk's start state
@@ -491,12 +583,12 @@ def _ssm_bwd_kernel(
             dCv = _sum_d(hh * _to5(dy))
             tl.atomic_add(dC_ptr + e_off + l0 * s_el, dCv, mask=tmq, sem="relaxed")
 
-    p_off = b * s_hb + d4 * s_hd + n4 * s_hn
-    tl.store(dA_ptr + p_off, dA_acc, mask=sm4)
+    tl.store(dA_ptr + bs * s_hb + d4 * s_hd + n4 * s_hn, dA_acc, mask=sm4)
     if HAS_H0:
-        tl.store(dh0_ptr + p_off, dh0, mask=sm4)
+        if tseg == 0:
+            tl.store(dh0_ptr + b * s_hb + d4 * s_hd + n4 * s_hn, dh0, mask=sm4)
     dq = d0 + tl.arange(0, DW)[:, None] * DL + tl.arange(0, DL)[None, :]
-    q_off = b * Dtot + dq
+    q_off = bs * Dtot + dq
     if HAS_D:
         tl.store(dD_ptr + q_off, dD_acc, mask=dq < d_hi)
     if HAS_BIAS:
@@ -698,11 +790,11 @@ def _grid(bsz: int, dim: int, groups: int, cfg: ScanConfig) -> tuple[tuple[int, 
 
 # Segment-parallel forward: each warp walks its 32 channels through the whole sequence and
 # stalls on every step's loads, so it needs many warps per SM to run at speed (batch 1, D 512:
-# 16 warps for 132 SMs). When batch x channels give fewer than half of SEG_WARPS_PER_SM warps
-# per SM, the sequence is cut into segments scanned in parallel (two passes: ~1.9x the work),
-# enough to reach SEG_WARPS_PER_SM, each at least MIN_SEG_STEPS long. (Sweeps on the H100:
-# docs/KERNEL_NOTES.md, v7.)
-SEG_WARPS_PER_SM = 24
+# 16 warps for 132 SMs). When batch x channels give fewer than a quarter of SEG_WARPS_PER_SM
+# warps per SM, the sequence is cut into segments scanned in parallel (two passes: ~1.9x the
+# work), enough to reach SEG_WARPS_PER_SM, each at least MIN_SEG_STEPS long. (Sweeps on the
+# H100: docs/KERNEL_NOTES.md, v7.)
+SEG_WARPS_PER_SM = 48
 MIN_SEG_STEPS = 128
 
 
@@ -713,9 +805,29 @@ def pick_segments(bsz: int, dim: int, groups: int, length: int, cfg: FwdConfig,
         return 1
     warps = _grid(bsz, dim, groups, cfg)[0][0] * bsz * cfg.num_warps
     target = SEG_WARPS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    if 2 * warps > target:
+    if 4 * warps > target:
         return 1
     return max(1, min(_cdiv(target, warps), length // MIN_SEG_STEPS))
+
+
+# Segment-parallel backward (KERNEL_NOTES v8): the backward kernel walks time sequentially
+# per (batch, channel block) program too; when those programs fill less than a quarter of
+# BWD_PROGRAMS_PER_SM per SM, time is cut into segments of whole checkpoint segments, at least
+# BWD_MIN_SEG_STEPS long. (Sweeps on the H100: docs/KERNEL_NOTES.md, v8.)
+BWD_PROGRAMS_PER_SM = 8
+BWD_MIN_SEG_STEPS = 256
+
+
+def pick_bwd_segments(bsz: int, dim: int, groups: int, length: int, cfg: ScanConfig,
+                      device: torch.device) -> int:
+    """How many time segments the backward runs in parallel (1 = one sequential walk)."""
+    if device.type != "cuda":
+        return 1
+    progs = _grid(bsz, dim, groups, cfg)[0][0] * bsz
+    target = BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    if 4 * progs > target:
+        return 1
+    return max(1, min(_cdiv(target, progs), length // BWD_MIN_SEG_STEPS))
 
 
 def _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, h0, out, last, ckpt, dsum, segments,
@@ -792,11 +904,53 @@ def _fwd(u, delta, A, Bf, Cf, D, z, delta_bias, h0, softplus, store_last, store_
     return out, (final if store_last else None), ckpt
 
 
+def _bwd_seeds(dout, dlast, delta, A, Cg, z, delta_bias, softplus, step: int,
+               segments: int) -> tuple[Tensor | None, int, int]:
+    """Passes 1-2 of the segment-parallel backward: the adjoint seed past the end of each of
+    ``segments`` time segments (whole checkpoint segments of ``step`` steps), (B, S, D, N),
+    from each segment's local adjoint (``_adj_local_kernel``) and the reverse combine. Returns
+    (seeds or dlast, S, checkpoint segments per time segment)."""
+    bsz, dim, length = delta.shape
+    n_ck = _cdiv(length, step)
+    ck_per = _cdiv(n_ck, max(1, segments))
+    S = _cdiv(n_ck, ck_per)
+    if S == 1:
+        return dlast, 1, ck_per
+    groups, dstate = Cg.shape[1], A.shape[1]
+    cfg1 = pick_fwd_config(dim // groups)
+    Cf = _rows_bc(Cg, cfg1.T)
+    At = A.t().contiguous()
+    dev, f32 = delta.device, torch.float32
+    local = torch.empty(bsz, S, dim, dstate, device=dev, dtype=f32)
+    dsum = torch.empty(bsz, S, dim, device=dev, dtype=f32)
+    (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg1)
+    zs = z if z is not None else dout
+    _adj_local_kernel[(gx, bsz, S)](
+        delta, At, Cf, zs, delta_bias if delta_bias is not None else local, dout, local, dsum,
+        length, dstate, dim // groups, n_blk_g, ck_per * step,
+        *delta.stride(), At.stride(1), At.stride(0), *Cf.stride()[:3], *zs.stride(),
+        *dout.stride(), *local.stride(), *dsum.stride()[:2],
+        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        NP=Cf.shape[3], FAST=_fast_math(), num_warps=cfg1.num_warps, T=cfg1.T, BD=cfg1.block_d,
+    )
+    seeds = torch.empty_like(local)
+    block = 256
+    _seg_combine_kernel[(_cdiv(dim * dstate, block), bsz)](
+        local, dsum, A.contiguous(), dlast if dlast is not None else local, seeds, seeds,
+        S, dim * dstate, dstate, HAS_H0=dlast is not None, BLOCK=block, REVERSE=True)
+    return seeds, S, ck_per
+
+
 def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
-         cfg: ScanConfig):
+         cfg: ScanConfig, segments: int = 1):
+    """Backward launches. ``segments`` > 1 (KERNEL_NOTES v8): the adjoint seeds of that many
+    time segments first (``_bwd_seeds``), then every segment's backward in parallel; same
+    results up to fp32 rounding (dA, dD, d(delta_bias) partials are summed over segments)."""
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
-    grid, n_blk_g = _grid(bsz, dim, groups, cfg)
+    (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg)
+    seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, Cg, z, delta_bias, softplus,
+                                  cfg.BL * cfg.CK, segments)
     At = A.t().contiguous()
     dev = u.device
     f32 = torch.float32
@@ -805,29 +959,30 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
     dz = torch.empty(u.shape, device=dev, dtype=z.dtype) if z is not None else None
     # (B, D, L) outputs share one set of strides
     assert du.stride() == ddelta.stride() and (dz is None or dz.stride() == du.stride())
-    dA_part = torch.empty(bsz, dim, dstate, device=dev, dtype=f32)
+    # partials per (batch, segment); seeds (B, S, D, N) and dh0 (B, D, N) share their strides
+    dA_part = torch.empty(bsz * S, dim, dstate, device=dev, dtype=f32)
     dBg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
     dCg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
-    dD_part = torch.empty(bsz, dim, device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty(bsz, dim, device=dev, dtype=f32) if delta_bias is not None \
+    dD_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if delta_bias is not None \
         else None
     dh0 = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if h0 is not None else None
     np2 = cfg.NI * cfg.NL
-    n_prog = grid[0] * grid[1]
+    n_prog = gx * bsz * S
     scr = torch.empty(n_prog, cfg.CK, np2, cfg.block_d, device=dev, dtype=f32) if cfg.CK > 1 \
         else torch.empty(1, device=dev, dtype=f32)
     zs = z if z is not None else u
     dummy = dA_part
-    _ssm_bwd_kernel[grid](
+    _ssm_bwd_kernel[(gx, bsz, S)](
         u, delta, At, Bg, Cg,
         D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
-        dout, dlast if dlast is not None else dummy, ckpt, scr,
+        dout, seeds if seeds is not None else dummy, ckpt, scr,
         du, ddelta, dz if dz is not None else dummy, dA_part, dBg, dCg,
         dD_part if dD_part is not None else dummy,
         dbias_part if dbias_part is not None else dummy,
         dh0 if dh0 is not None else dummy,
-        length, dstate, dim // groups, n_blk_g, dim,
+        length, dstate, dim // groups, n_blk_g, dim, ck_per,
         *u.stride(), *delta.stride(), At.stride(1), At.stride(0), *Bg.stride(), *Cg.stride(), *zs.stride(),
         *dout.stride(),
         *dA_part.stride(),
@@ -835,7 +990,7 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
         *du.stride(), *dBg.stride(),
         scr.stride(0) if cfg.CK > 1 else 0,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, HAS_DLAST=dlast is not None,
+        SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, HAS_DLAST=seeds is not None,
         FAST=_fast_math(), num_warps=cfg.num_warps, **cfg.meta(),
     )
     dA = dA_part.sum(0)
@@ -847,7 +1002,8 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
-                return_last_state, need_grad, cfg_f, cfg_b, segments):  # type: ignore[override]
+                return_last_state, need_grad, cfg_f, cfg_b, segments,
+                bwd_segments):  # type: ignore[override]
         Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
         u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
         h0 = initial_state.contiguous() if initial_state is not None else None
@@ -861,6 +1017,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                                   ckpt)
             ctx.softplus = softplus
             ctx.cfg_b = cfg_b
+            ctx.bwd_segments = bwd_segments
             ctx.b_dims = B.dim()
             ctx.dtypes = (B.dtype, C.dtype)
         ctx.set_materialize_grads(False)
@@ -879,7 +1036,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             dlast = dlast.contiguous()
         du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0 = _bwd(
             dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, ctx.softplus,
-            ctx.cfg_b)
+            ctx.cfg_b, ctx.bwd_segments)
         dB = dBg.to(ctx.dtypes[0])
         dC = dCg.to(ctx.dtypes[1])
         if ctx.b_dims == 3:
@@ -891,7 +1048,8 @@ class _SelectiveScanFn(torch.autograd.Function):
             dbias = dbias.to(delta_bias.dtype)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
-        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None)
+        return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None,
+                None)
 
 
 def selective_scan_triton(
@@ -910,6 +1068,7 @@ def selective_scan_triton(
     block_l: int | None = None,
     chunks_per_ckpt: int | None = None,
     segments: int | None = None,
+    bwd_segments: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused selective scan (SPEC section 1, mamba-ssm ``selective_scan_ref`` semantics).
 
@@ -920,7 +1079,8 @@ def selective_scan_triton(
     ``chunks_per_ckpt`` override the time tile of both passes and the checkpoint spacing
     (``block_l * chunks_per_ckpt`` steps). ``segments``: time segments the forward scans in
     parallel (None: :func:`pick_segments`, more than one only when batch x channels leave the
-    GPU's SMs idle; the backward is unchanged).
+    GPU's SMs idle). ``bwd_segments``: the same for the backward (None:
+    :func:`pick_bwd_segments`).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -936,6 +1096,9 @@ def selective_scan_triton(
     cfg_b = pick_config(dstate, dg, True, bl_b, step // bl_b)
     if segments is None:
         segments = pick_segments(u.shape[0], u.shape[1], groups, u.shape[2], cfg_f, u.device)
+    if bwd_segments is None:
+        bwd_segments = pick_bwd_segments(u.shape[0], u.shape[1], groups, u.shape[2], cfg_b,
+                                         u.device)
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                   bool(delta_softplus), bool(return_last_state), need_grad,
-                                  cfg_f, cfg_b, max(1, int(segments)))
+                                  cfg_f, cfg_b, max(1, int(segments)), max(1, int(bwd_segments)))
