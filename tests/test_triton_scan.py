@@ -364,10 +364,10 @@ def test_segment_parallel_backward_matches_float64(case):
     assert ts._cdiv(n_ck, ts._cdiv(n_ck, Sb)) > 1  # really more than one backward segment
     x = make_inputs(2, D, N, L, G, True, has_z, has_bias, h0, torch.float32, seed=300 + L + Sb,
                     softplus=softplus)
-    out, state, grads = run_with_grads(triton_fn(BL, CK, segments=S, bwd_segments=Sb), x,
-                                       softplus, last)
-    rout, rstate, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
-                                          dtype_ref=torch.float64)
+    out, _, grads = run_with_grads(triton_fn(BL, CK, segments=S, bwd_segments=Sb), x,
+                                   softplus, last)
+    rout, _, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
+                                     dtype_ref=torch.float64)
     assert rel_err(out, rout) < 1e-5
     for k in GRAD_NAMES:
         if x[k] is None:
