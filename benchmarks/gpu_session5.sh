@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader; date
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "== compiled tests"
-  [ -n "${SKIP_TESTS:-}" ] || timeout 240 python -m pytest -q -p no:cacheprovider tests/test_triton_scan.py tests/test_ssm.py > "$OUT/tests.txt" 2>&1; tail -n 15 "$OUT/tests.txt"
+  [ -n "${SKIP_TESTS:-}" ] || timeout 240 python -m pytest -p no:cacheprovider -p no:warnings tests/test_triton_scan.py tests/test_ssm.py > "$OUT/tests.txt" 2>&1; tail -n 15 "$OUT/tests.txt"
   echo "== bench_scan (issue-6 shape), previous version beside it"; date
   timeout 200 python benchmarks/bench_scan.py --reps 10 --sweep --other "${OTHER:-.device_carry/triton_scan_v5.py}" --json "$OUT/scan_v7.json"
   echo "== segments"; date

@@ -11,7 +11,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date
   echo "== compiled tests"
-  timeout 300 python -m pytest -q -p no:cacheprovider tests/test_triton_scan.py tests/test_ssm.py tests/test_graphs.py 2>&1 | tail -n 4
+  timeout 300 python -m pytest -p no:cacheprovider -p no:warnings tests/test_triton_scan.py tests/test_ssm.py tests/test_graphs.py 2>&1 | tail -n 4
   echo "== issue-6 shape"; date
   timeout 150 python benchmarks/bench_scan.py --reps 10 --other .device_carry/triton_scan_v5.py --json "$OUT/scan_final.json"
   echo "== AlignMamba at 64k tokens, batch 1"; date
