@@ -85,11 +85,12 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _pick_step(x, sel):
-    # x[t] for the one t where sel holds, as a reduction over the in-register time axis; the
-    # filler is -0.0 (bit pattern 0x80000000) so that the compiler folds the adds away
+def _pick_step(x, sel, AXIS: tl.constexpr = 0):
+    # x[t] for the one t where sel holds, as a reduction over the in-register time axis AXIS
+    # (a register pick); the filler is -0.0 (bit pattern 0x80000000) so that the compiler
+    # folds the adds away
     neg_zero = tl.full(x.shape, 0x80000000, tl.uint32).to(tl.float32, bitcast=True)
-    return tl.sum(tl.where(sel, x, neg_zero), axis=0)
+    return tl.sum(tl.where(sel, x, neg_zero), axis=AXIS)
 
 
 @triton.jit
@@ -138,14 +139,6 @@ def _prefetch_l1(ptrs):
     # pull the lines at ptrs into L1 (no register, no wait): PTX prefetch, CUDA only
     tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _pick_col(x, sel):
-    # x[:, t] of an (R, T) tile for the one t where sel (1, T) holds; T is the in-register axis,
-    # so this is a register pick (the -0.0 filler lets the compiler fold the adds away)
-    neg_zero = tl.full(x.shape, 0x80000000, tl.uint32).to(tl.float32, bitcast=True)
-    return tl.sum(tl.where(sel, x, neg_zero), axis=1)
 
 
 @triton.jit
@@ -276,8 +269,8 @@ def _ssm_fwd_kernel(
             if STORE_OUT:
                 Ct = C_nx
                 C_nx = tl.load(C_row + (l0 + t + 1) * s_cl)
-            dA = tl.exp2(_pick_col(dt, sel)[:, None] * A2)
-            h = dA * h + _pick_col(dtu, sel)[:, None] * Bt[None, :]
+            dA = tl.exp2(_pick_step(dt, sel, 1)[:, None] * A2)
+            h = dA * h + _pick_step(dtu, sel, 1)[:, None] * Bt[None, :]
             if STORE_OUT:
                 y = tl.where(sel, tl.sum(h * Ct[None, :], axis=1)[:, None], y)
         if STORE_OUT:
@@ -394,8 +387,8 @@ def _adj_local_kernel(
         for tr in tl.static_range(T):
             sel = t2 == (T - 1 - tr)
             Ct = tl.load(C_row + (l0 + T - 1 - tr) * s_cl)
-            s = (tl.exp2(_pick_col(dtn, sel)[:, None] * A2) * s
-                 + _pick_col(dy, sel)[:, None] * Ct[None, :])
+            s = (tl.exp2(_pick_step(dtn, sel, 1)[:, None] * A2) * s
+                 + _pick_step(dy, sel, 1)[:, None] * Ct[None, :])
     tl.store(local_ptr + b * s_hb + seg * s_hs + d2 * s_hd + n2 * s_hn, s, mask=sm2)
     tl.store(dsum_ptr + b * s_sb + seg * s_ss + dr, dsum, mask=dr < d_hi)
 
@@ -788,6 +781,19 @@ def _grid(bsz: int, dim: int, groups: int, cfg: ScanConfig) -> tuple[tuple[int, 
     return (groups * n_blk_g, bsz), n_blk_g
 
 
+def _segments_for(units: int, per_sm: int, min_steps: int, length: int,
+                  device: torch.device) -> int:
+    """The segment rule of both passes: ``units`` (warps or programs) walk time sequentially;
+    when they fill less than a quarter of ``per_sm`` per SM, cut time into enough segments to
+    reach it, each at least ``min_steps`` long (1 = no cut; always 1 off CUDA)."""
+    if device.type != "cuda":
+        return 1
+    target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    if 4 * units > target:
+        return 1
+    return max(1, min(_cdiv(target, units), length // min_steps))
+
+
 # Segment-parallel forward: each warp walks its 32 channels through the whole sequence and
 # stalls on every step's loads, so it needs many warps per SM to run at speed (batch 1, D 512:
 # 16 warps for 132 SMs). When batch x channels give fewer than a quarter of SEG_WARPS_PER_SM
@@ -801,13 +807,8 @@ MIN_SEG_STEPS = 128
 def pick_segments(bsz: int, dim: int, groups: int, length: int, cfg: FwdConfig,
                   device: torch.device) -> int:
     """How many time segments the forward runs in parallel (1 = the plain single pass)."""
-    if device.type != "cuda":
-        return 1
     warps = _grid(bsz, dim, groups, cfg)[0][0] * bsz * cfg.num_warps
-    target = SEG_WARPS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    if 4 * warps > target:
-        return 1
-    return max(1, min(_cdiv(target, warps), length // MIN_SEG_STEPS))
+    return _segments_for(warps, SEG_WARPS_PER_SM, MIN_SEG_STEPS, length, device)
 
 
 # Segment-parallel backward (KERNEL_NOTES v8): the backward kernel walks time sequentially
@@ -821,13 +822,8 @@ BWD_MIN_SEG_STEPS = 256
 def pick_bwd_segments(bsz: int, dim: int, groups: int, length: int, cfg: ScanConfig,
                       device: torch.device) -> int:
     """How many time segments the backward runs in parallel (1 = one sequential walk)."""
-    if device.type != "cuda":
-        return 1
     progs = _grid(bsz, dim, groups, cfg)[0][0] * bsz
-    target = BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    if 4 * progs > target:
-        return 1
-    return max(1, min(_cdiv(target, progs), length // BWD_MIN_SEG_STEPS))
+    return _segments_for(progs, BWD_PROGRAMS_PER_SM, BWD_MIN_SEG_STEPS, length, device)
 
 
 def _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, h0, out, last, ckpt, dsum, segments,
@@ -904,7 +900,7 @@ def _fwd(u, delta, A, Bf, Cf, D, z, delta_bias, h0, softplus, store_last, store_
     return out, (final if store_last else None), ckpt
 
 
-def _bwd_seeds(dout, dlast, delta, A, Cg, z, delta_bias, softplus, step: int,
+def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int,
                segments: int) -> tuple[Tensor | None, int, int]:
     """Passes 1-2 of the segment-parallel backward: the adjoint seed past the end of each of
     ``segments`` time segments (whole checkpoint segments of ``step`` steps), (B, S, D, N),
@@ -919,7 +915,6 @@ def _bwd_seeds(dout, dlast, delta, A, Cg, z, delta_bias, softplus, step: int,
     groups, dstate = Cg.shape[1], A.shape[1]
     cfg1 = pick_fwd_config(dim // groups)
     Cf = _rows_bc(Cg, cfg1.T)
-    At = A.t().contiguous()
     dev, f32 = delta.device, torch.float32
     local = torch.empty(bsz, S, dim, dstate, device=dev, dtype=f32)
     dsum = torch.empty(bsz, S, dim, device=dev, dtype=f32)
@@ -949,9 +944,9 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg)
-    seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, Cg, z, delta_bias, softplus,
-                                  cfg.BL * cfg.CK, segments)
     At = A.t().contiguous()
+    seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
+                                  cfg.BL * cfg.CK, segments)
     dev = u.device
     f32 = torch.float32
     du = torch.empty_like(u)
