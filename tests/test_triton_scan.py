@@ -193,6 +193,18 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_grads_match(x, grads, rgrads, tol=1e-5):
+    """Every input's gradient is present, shaped like the input, finite, and within ``tol``
+    (relative) of the reference's."""
+    for k in GRAD_NAMES:
+        if x[k] is None:
+            continue
+        assert grads[k] is not None and grads[k].shape == x[k].shape, k
+        assert torch.isfinite(grads[k]).all(), k
+        err = rel_err(grads[k], rgrads[k])
+        assert err < tol, f"grad {k}: rel err {err:.2e}"
+
+
 # (L, BL, CK, N, D, groups, has_D, has_z, has_bias, softplus, last, h0)
 CASES = [
     (70, 16, 1, 16, 8, 0, True, True, True, True, True, False),
@@ -219,13 +231,7 @@ def test_fp32_forward_and_grads_match_float64(case):
     if last:
         assert state.dtype == torch.float32 and state.shape == (2, D, N)
         assert rel_err(state, rstate) < 1e-5
-    for k in GRAD_NAMES:
-        if x[k] is None:
-            continue
-        assert grads[k] is not None and grads[k].shape == x[k].shape, k
-        assert torch.isfinite(grads[k]).all(), k
-        err = rel_err(grads[k], rgrads[k])
-        assert err < 1e-5, f"grad {k}: rel err {err:.2e}"
+    assert_grads_match(x, grads, rgrads)
 
 
 # (L, BL, CK, segments, N, D, groups, h0): lengths not a multiple of a segment, of BL*CK, or of BL
@@ -247,9 +253,7 @@ def test_segment_parallel_forward_matches_float64(case):
     out, state, grads = run_with_grads(triton_fn(BL, CK, segments=S), x, True, True)
     rout, rstate, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True, dtype_ref=torch.float64)
     assert rel_err(out, rout) < 1e-5 and rel_err(state, rstate) < 1e-5
-    for k in GRAD_NAMES:
-        if x[k] is not None:
-            assert rel_err(grads[k], rgrads[k]) < 1e-5, k
+    assert_grads_match(x, grads, rgrads)
     with torch.no_grad():  # inference: no checkpoints
         o2, s2 = triton_fn(BL, CK, segments=S)(x, True, True)
     assert rel_err(o2, rout) < 1e-5 and rel_err(s2, rstate) < 1e-5
@@ -288,12 +292,7 @@ def test_forward_tiles_and_grads_match_float64(case):
     assert rel_err(out, rout) < 1e-5
     if last:
         assert rel_err(state, rstate) < 1e-5
-    for k in GRAD_NAMES:
-        if x[k] is None:
-            continue
-        assert torch.isfinite(grads[k]).all(), k
-        err = rel_err(grads[k], rgrads[k])
-        assert err < 1e-5, f"grad {k}: rel err {err:.2e}"
+    assert_grads_match(x, grads, rgrads)
 
 
 def test_default_tiles_forward_and_grads_match_float64():
@@ -306,9 +305,7 @@ def test_default_tiles_forward_and_grads_match_float64():
     rout, rstate, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True,
                                           dtype_ref=torch.float64)
     assert rel_err(out, rout) < 1e-5 and rel_err(state, rstate) < 1e-5
-    for k in GRAD_NAMES:
-        if x[k] is not None:
-            assert rel_err(grads[k], rgrads[k]) < 1e-5, k
+    assert_grads_match(x, grads, rgrads)
 
 
 def test_rows_bc_is_transposed_and_zero_padded():
@@ -369,12 +366,7 @@ def test_segment_parallel_backward_matches_float64(case):
     rout, _, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
                                      dtype_ref=torch.float64)
     assert rel_err(out, rout) < 1e-5
-    for k in GRAD_NAMES:
-        if x[k] is None:
-            continue
-        assert torch.isfinite(grads[k]).all(), k
-        err = rel_err(grads[k], rgrads[k])
-        assert err < 1e-5, f"grad {k}: rel err {err:.2e}"
+    assert_grads_match(x, grads, rgrads)
 
 
 def test_backward_segments_only_when_the_gpu_would_idle(monkeypatch):
