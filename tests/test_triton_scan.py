@@ -169,13 +169,13 @@ def run_with_grads(fn, x, softplus, last, dtype_ref=None, seed=0):
     return out.detach(), (None if state is None else state.detach()), grads
 
 
-def triton_fn(block_l=None, ck=None, segments=None, bwd_segments=None):
+def triton_fn(block_l=None, ck=None, segments=None, bwd_segments=None, bwd_kernel=None):
     def fn(x, softplus, last):
         return ts.selective_scan_triton(
             x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
             delta_softplus=softplus, return_last_state=last, initial_state=x["initial_state"],
             block_l=block_l, chunks_per_ckpt=ck, segments=segments,
-            bwd_segments=bwd_segments)
+            bwd_segments=bwd_segments, bwd_kernel=bwd_kernel)
     return fn
 
 
@@ -488,13 +488,136 @@ def test_bad_arguments_raise_alignmamba_error(bad):
         ts.selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"])
 
 
+def test_bwd_kernel_choice_is_checked(monkeypatch):
+    """An unknown backward kernel fails at the call; a forced CUDA backward that cannot run
+    (here: no CUDA tensors, or N > 16) fails with the reason instead of silently running
+    another kernel; the environment variable is checked the same way."""
+    # N = 20 > 16: the CUDA backward cannot run it on a GPU either
+    x = make_inputs(1, 4, 20, 9, 0, True, False, False, False, torch.float32, seed=2)
+    with pytest.raises(AlignMambaError, match="bwd_kernel='bogus'"):
+        triton_fn(bwd_kernel="bogus")(x, True, False)
+    leaves = {k: (v.clone().requires_grad_(True) if v is not None else None) for k, v in x.items()}
+    out = triton_fn(bwd_kernel="cuda")(leaves, True, False)
+    with pytest.raises(AlignMambaError, match="bwd_kernel='cuda' cannot run: (N=20|not a CUDA)"):
+        out.sum().backward()
+    monkeypatch.setenv(ts.ENV_BWD, "fast")
+    out = triton_fn()(leaves, True, False)
+    with pytest.raises(AlignMambaError, match="ALIGNMAMBA_SCAN_BWD"):
+        out.sum().backward()
+    big = torch.zeros(1, 4, 9)
+    ok, why = ts.cuda_scan.bwd_supported(big, big, None, 32, 64)
+    assert not ok and "N=32" in why
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_cuda_backward_failure_falls_back_unless_forced(forced, monkeypatch):
+    """A CUDA backward that fails to compile or launch (here: simulated) is a one-time warning
+    and the Triton backward's exact gradients in auto mode, and an error when it was forced."""
+    from alignmamba.ssm import nvrtc
+
+    def broken(*args):
+        raise nvrtc.NvrtcError("NVRTC compile of ssm_bwd failed: simulated")
+
+    monkeypatch.setattr(ts, "_CUDA_BWD_BROKEN", set())
+    monkeypatch.setattr(ts.cuda_scan, "bwd_supported", lambda *a: (True, ""))
+    monkeypatch.setattr(ts.cuda_scan, "selective_scan_bwd_cuda", broken)
+    warned: list[str] = []
+    monkeypatch.setattr(ts, "_warn_once", lambda key, msg: warned.append(msg))  # no dedupe
+    x = make_inputs(2, 6, 4, 40, 0, True, True, True, True, torch.float32, seed=9)
+    fn = triton_fn(16, 2, bwd_kernel="cuda" if forced else None)
+    if forced:
+        with pytest.raises(AlignMambaError, match="CUDA backward failed: NVRTC compile"):
+            run_with_grads(fn, x, True, True)
+        return
+    _, _, grads = run_with_grads(fn, x, True, True)
+    _, _, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True, dtype_ref=torch.float64)
+    assert_grads_match(x, grads, rgrads)
+    assert len(warned) == 1 and "using the slower Triton backward" in warned[0]
+    assert len(ts._CUDA_BWD_BROKEN) == 1  # not tried again on this device
+    run_with_grads(fn, x, True, True)
+    assert len(warned) == 1
+
+
+def test_cuda_bwd_blocks_per_sm():
+    """255 registers a thread leave 8 warps per SM: one block of 128 or 96 channels, two of 64."""
+    cs = ts.cuda_scan
+    assert [cs.blocks_per_sm(c) for c in (128, 96, 64)] == [1, 1, 2]
+    assert cs.smem_bytes(128) == 2 * 8 * 2 * 256 * 16 + 2 * 64 * 16 * 4 + 2 * 8 * 8 * 32 * 4
+
+
+def test_cuda_bwd_segments_balance_waves(monkeypatch):
+    """The CUDA backward runs one block per SM: S time segments are chosen to minimise
+    waves / S (the slowest SM's share of the sequence), at least 4 checkpoints each."""
+    cs = ts.cuda_scan
+    assert cs.pick_segments(8, 1536, 1, 16384, torch.device("cpu")) == 1
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+    gpu = torch.device("cuda")
+    assert cs.pick_segments(1, 512, 1, 200, gpu) == 1  # 4 checkpoints: cannot cut
+    for bsz, dim, length in ((8, 1536, 16384), (1, 512, 10626), (32, 1536, 2048)):
+        s = cs.pick_segments(bsz, dim, 1, length, gpu)
+        blocks = bsz * dim // 128
+        waves = -(-blocks * s // 132)
+        # no other count does better by more than the 3% that a segment must win
+        for other in range(1, length // 256 + 1):
+            assert -(-blocks * other // 132) / other >= 0.97 * waves / s - 1e-12, (s, other)
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
+@pytest.mark.parametrize("case", [
+    # (B, D, N, L, G, has_D, has_z, has_bias, softplus, last, h0, backward segments)
+    (2, 200, 16, 300, 2, True, True, True, True, True, True, None),  # 100-channel groups
+    (2, 256, 5, 256, 0, True, False, False, False, False, False, 1),  # N padded to 16
+    (1, 384, 16, 1000, 0, False, True, True, True, True, False, 3),  # time segments
+    (3, 130, 16, 77, 0, True, True, False, True, False, True, 1),  # a block of 2 channels
+    (1, 128, 12, 1030, 4, True, True, True, True, True, True, 4),  # 32-channel groups
+], ids=lambda c: f"B{c[0]}-D{c[1]}-N{c[2]}-L{c[3]}-G{c[4]}-S{c[11]}")
+def test_cuda_backward_matches_float64(case, monkeypatch):
+    """The CUDA backward kernel (KERNEL_NOTES v9): every gradient equals the float64
+    recurrence's; lengths not a multiple of 8 (scalar loads) and of 64 (a partial checkpoint
+    segment), channel blocks with idle lanes, padded states, seeds, h0, final-state grads."""
+    bsz, D, N, L, G, has_d, has_z, has_bias, softplus, last, h0, Sb = case
+    calls = []
+    real = ts.cuda_scan.selective_scan_bwd_cuda
+    monkeypatch.setattr(ts.cuda_scan, "selective_scan_bwd_cuda",
+                        lambda *a: calls.append(a[2]) or real(*a))
+    x = make_inputs(bsz, D, N, L, G, has_d, has_z, has_bias, h0, torch.float32, seed=D + L,
+                    softplus=softplus)
+    out, _, grads = run_with_grads(triton_fn(bwd_segments=Sb, bwd_kernel="cuda"), x,
+                                   softplus, last)
+    rout, _, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
+                                     dtype_ref=torch.float64)
+    assert len(calls) == 1 and (Sb is None or calls[0] == Sb)
+    assert rel_err(out, rout) < 1e-5
+    assert_grads_match(x, grads, rgrads)
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
+@pytest.mark.parametrize("ch", [64, 96])
+def test_cuda_backward_other_block_widths(ch, monkeypatch):
+    """Blocks of 64 or 96 channels (benchmarks/bench_scan.py --bwd-ch) give the same gradients:
+    100-channel groups leave a partly idle block either way."""
+    monkeypatch.setattr(ts.cuda_scan, "CHANNELS_PER_BLOCK", ch)
+    x = make_inputs(2, 200, 16, 300, 2, True, True, True, True, torch.float32, seed=ch)
+    out, _, grads = run_with_grads(triton_fn(bwd_kernel="cuda"), x, True, True)
+    rout, _, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True,
+                                     dtype_ref=torch.float64)
+    assert rel_err(out, rout) < 1e-5
+    assert_grads_match(x, grads, rgrads)
+
+
 @pytest.mark.skipif(not CUDA, reason="compiled-kernel size check needs CUDA; the interpreter "
                     "covers the same code paths at small sizes above")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_default_config_large(dtype):
-    """Default tiles and checkpoint spacing at a realistic width on the GPU."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bwd_kernel", ["cuda", "triton"])
+def test_cuda_default_config_large(dtype, bwd_kernel):
+    """Default tiles and checkpoint spacing at a realistic width on the GPU, with either
+    backward kernel."""
     x = make_inputs(2, 256, 16, 1000, 0, True, True, True, False, dtype, seed=21)
-    out, _, grads = run_with_grads(triton_fn(), x, True, False)
+    out, _, grads = run_with_grads(triton_fn(bwd_kernel=bwd_kernel), x, True, False)
     tout, _, tgrads = run_with_grads(ref_fn(torch.float32), x, True, False)
     rout, _, rgrads = run_with_grads(ref_fn(torch.float64), x, True, False,
                                      dtype_ref=torch.float64)

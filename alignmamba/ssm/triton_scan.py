@@ -24,7 +24,9 @@ Kernel design (numbers and history in docs/KERNEL_NOTES.md):
   into time segments scanned in parallel (pass 1: each segment's final state from zero and its
   sum of delta; a tiny combine kernel; pass 2: every segment from its true start state).
 * the forward saves the state every 64 steps (B, n_ckpt, N, D) fp32.
-* backward (v3): one program per (batch, block of channels) with 5-D work tiles
+* backward: on CUDA where NVRTC works, the CUDA C++ kernel of ``scan_bwd.cu`` (KERNEL_NOTES v9,
+  launched by ``cuda_scan``) replaces the Triton kernel below; the segment seeds stay here.
+* backward, Triton (v3): one program per (batch, block of channels) with 5-D work tiles
   (BL, NI, DW, NL, DL), state n = ni*NL + nl, channel d = dw*DL + dl; the in-chunk recurrence
   is a ``tl.associative_scan`` over the in-register time axis. It walks the checkpoint
   segments from the end, re-runs the forward inside a segment (start states of its chunks go
@@ -42,10 +44,13 @@ import triton.language as tl
 from torch import Tensor
 
 from alignmamba.errors import AlignMambaError
+from alignmamba.ssm import cuda_scan, nvrtc
+from alignmamba.ssm.scan import _warn_once
 
 __all__ = ["FwdConfig", "ScanConfig", "pick_bwd_segments", "pick_config", "pick_fwd_config",
            "pick_segments", "selective_scan_triton"]
 
+ENV_BWD = "ALIGNMAMBA_SCAN_BWD"
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -936,17 +941,73 @@ def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int
     return seeds, S, ck_per
 
 
+# devices where the CUDA backward failed to compile or launch in auto mode (warned once)
+_CUDA_BWD_BROKEN: set[torch.device] = set()
+
+
+def _pick_bwd_kernel(kernel: str | None, u: Tensor, delta: Tensor, z: Tensor | None,
+                     dstate: int, step: int) -> str:
+    """"cuda" (``scan_bwd.cu`` through NVRTC; "cuda-auto" when it was not forced, so that a
+    compile or launch failure falls back instead of raising) or "triton" for the backward's
+    main kernel. ``kernel``: "cuda", "triton", or None/"auto" (the environment variable
+    ALIGNMAMBA_SCAN_BWD replaces auto): CUDA where it can run, else Triton with a one-time
+    warning on CUDA tensors."""
+    name = kernel or "auto"
+    if name == "auto":
+        name = os.environ.get(ENV_BWD, "").strip() or "auto"
+    if name not in ("auto", "cuda", "triton"):
+        raise AlignMambaError(f"selective_scan_triton: bwd_kernel={name!r} (or {ENV_BWD}) is not "
+                              "one of auto, cuda, triton")
+    if name == "triton":
+        return name
+    ok, why = cuda_scan.bwd_supported(u, delta, z, dstate, step)
+    if ok and name == "auto" and u.device in _CUDA_BWD_BROKEN:
+        return "triton"  # it failed here before (warned then)
+    if ok:
+        return "cuda" if name == "cuda" else "cuda-auto"
+    if name == "cuda":
+        raise AlignMambaError(f"selective_scan_triton: bwd_kernel='cuda' cannot run: {why}")
+    if u.is_cuda:
+        _warn_once("bwd_" + why, f"alignmamba: CUDA scan backward unavailable ({why}); "
+                   "using the slower Triton backward")
+    return "triton"
+
+
 def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
-         cfg: ScanConfig, segments: int = 1):
+         cfg: ScanConfig, segments: int | None = None, kernel: str = "triton"):
     """Backward launches. ``segments`` > 1 (KERNEL_NOTES v8): the adjoint seeds of that many
     time segments first (``_bwd_seeds``), then every segment's backward in parallel; same
-    results up to fp32 rounding (dA, dD, d(delta_bias) partials are summed over segments)."""
+    results up to fp32 rounding (dA, dD, d(delta_bias) partials are summed over segments).
+    None: the picker of the kernel that runs. ``kernel``: "cuda" (KERNEL_NOTES v9,
+    ``cuda_scan``) or "triton" (``_ssm_bwd_kernel``)."""
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg)
     At = A.t().contiguous()
+    seg_arg = segments
+    if segments is None:
+        segments = (cuda_scan.pick_segments(bsz, dim, groups, length, u.device)
+                    if kernel.startswith("cuda") else
+                    pick_bwd_segments(bsz, dim, groups, length, cfg, u.device))
     seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
-                                  cfg.BL * cfg.CK, segments)
+                                  cfg.BL * cfg.CK, max(1, int(segments)))
+    if kernel in ("cuda", "cuda-auto"):
+        try:
+            du, ddelta, dA_part, dBg, dCg, dD_part, dbias_part, dz, dh0 = \
+                cuda_scan.selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg,
+                                                  D, z, delta_bias, h0, ckpt, softplus)
+            return (du, ddelta, dA_part.sum(0), dBg, dCg,
+                    dD_part.sum(0) if dD_part is not None else None, dz,
+                    dbias_part.sum(0) if dbias_part is not None else None, dh0)
+        except nvrtc.NvrtcError as exc:
+            if kernel == "cuda":
+                raise AlignMambaError(f"selective_scan_triton: CUDA backward failed: {exc}") \
+                    from None
+            _warn_once("bwd_nvrtc", f"alignmamba: CUDA scan backward failed ({exc}); using the "
+                       "slower Triton backward")
+            _CUDA_BWD_BROKEN.add(u.device)
+            return _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
+                        cfg, seg_arg, "triton")
     dev = u.device
     f32 = torch.float32
     du = torch.empty_like(u)
@@ -998,7 +1059,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
                 return_last_state, need_grad, cfg_f, cfg_b, segments,
-                bwd_segments):  # type: ignore[override]
+                bwd_segments, bwd_kernel):  # type: ignore[override]
         Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
         u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
         h0 = initial_state.contiguous() if initial_state is not None else None
@@ -1013,6 +1074,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             ctx.softplus = softplus
             ctx.cfg_b = cfg_b
             ctx.bwd_segments = bwd_segments
+            ctx.bwd_kernel = bwd_kernel
             ctx.b_dims = B.dim()
             ctx.dtypes = (B.dtype, C.dtype)
         ctx.set_materialize_grads(False)
@@ -1029,9 +1091,11 @@ class _SelectiveScanFn(torch.autograd.Function):
         dout = _lastdim_contig(dout)
         if dlast is not None:
             dlast = dlast.contiguous()
+        cfg_b = ctx.cfg_b
+        kernel = _pick_bwd_kernel(ctx.bwd_kernel, u, delta, z, A.shape[1], cfg_b.BL * cfg_b.CK)
         du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0 = _bwd(
             dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, ctx.softplus,
-            ctx.cfg_b, ctx.bwd_segments)
+            cfg_b, ctx.bwd_segments, kernel)
         dB = dBg.to(ctx.dtypes[0])
         dC = dCg.to(ctx.dtypes[1])
         if ctx.b_dims == 3:
@@ -1044,7 +1108,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
         return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None,
-                None)
+                None, None)
 
 
 def selective_scan_triton(
@@ -1064,6 +1128,7 @@ def selective_scan_triton(
     chunks_per_ckpt: int | None = None,
     segments: int | None = None,
     bwd_segments: int | None = None,
+    bwd_kernel: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused selective scan (SPEC section 1, mamba-ssm ``selective_scan_ref`` semantics).
 
@@ -1074,10 +1139,15 @@ def selective_scan_triton(
     ``chunks_per_ckpt`` override the time tile of both passes and the checkpoint spacing
     (``block_l * chunks_per_ckpt`` steps). ``segments``: time segments the forward scans in
     parallel (None: :func:`pick_segments`, more than one only when batch x channels leave the
-    GPU's SMs idle). ``bwd_segments``: the same for the backward (None:
-    :func:`pick_bwd_segments`).
+    GPU's SMs idle). ``bwd_segments``: the same for the backward (None: the picker of the
+    backward kernel that runs, :func:`pick_bwd_segments` or ``cuda_scan.pick_segments``).
+    ``bwd_kernel``: "cuda" (CUDA C++ through NVRTC, ``cuda_scan``), "triton", or None/"auto"
+    (environment variable ALIGNMAMBA_SCAN_BWD; auto = CUDA where it can run, KERNEL_NOTES v9).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if bwd_kernel not in (None, "auto", "cuda", "triton"):
+        raise AlignMambaError(f"selective_scan_triton: bwd_kernel={bwd_kernel!r} is not one of "
+                              "auto, cuda, triton")
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -1091,9 +1161,8 @@ def selective_scan_triton(
     cfg_b = pick_config(dstate, dg, True, bl_b, step // bl_b)
     if segments is None:
         segments = pick_segments(u.shape[0], u.shape[1], groups, u.shape[2], cfg_f, u.device)
-    if bwd_segments is None:
-        bwd_segments = pick_bwd_segments(u.shape[0], u.shape[1], groups, u.shape[2], cfg_b,
-                                         u.device)
+    if bwd_segments is not None:
+        bwd_segments = max(1, int(bwd_segments))
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                   bool(delta_softplus), bool(return_last_state), need_grad,
-                                  cfg_f, cfg_b, max(1, int(segments)), max(1, int(bwd_segments)))
+                                  cfg_f, cfg_b, max(1, int(segments)), bwd_segments, bwd_kernel)

@@ -1,0 +1,34 @@
+"""The NVRTC loader's refusals (the CUDA side runs in test_triton_scan on a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignmamba.ssm import nvrtc
+
+
+def test_cpu_device_is_not_available():
+    ok, why = nvrtc.available(torch.device("cpu"))
+    assert not ok and "not a CUDA device" in why
+
+
+def test_missing_library_is_a_one_line_nvrtc_error(tmp_path):
+    bogus = str(tmp_path / "libnvrtc.so.0")
+    with pytest.raises(nvrtc.NvrtcError, match="NVRTC") as info:
+        nvrtc.compile_cubin("__global__ void k() {}", "k", "sm_90", lib_path=bogus)
+    assert "\n" not in str(info.value)
+
+
+def test_kernel_arguments_are_checked_before_launch():
+    k = nvrtc.Kernel(None, None, 1024)
+    with pytest.raises(nvrtc.NvrtcError, match="shared memory"):
+        k((1, 1, 1), 32, 4096, [], torch.device("cpu"))
+    with pytest.raises(TypeError, match="tensor, None or int"):
+        k((1, 1, 1), 32, 0, [1.5], torch.device("cpu"))
+
+
+def test_kernel_source_ships_with_the_package():
+    import importlib.resources as res
+
+    src = res.files("alignmamba.ssm").joinpath("scan_bwd.cu").read_text()
+    assert "ssm_bwd" in src and "#include" not in src  # NVRTC needs no CUDA headers for it
