@@ -10,6 +10,7 @@ Run from the repository root: ``PYTHONPATH=. python benchmarks/bench_scan.py``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -136,6 +137,38 @@ def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
     return rows
 
 
+def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128,)) -> list[dict]:
+    """The backward's main kernel, CUDA (NVRTC, KERNEL_NOTES v9) at each time-segment count
+    in ``segs`` (0 = its own picker) and Triton at its default, from one forward's
+    checkpoints, seeds pass included."""
+    import alignmamba.ssm.triton_scan as ts
+
+    u, delta, A, B, C, D, z, bias = (x[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
+                                                  "delta_bias"))
+    Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
+    Bb, Cb = ts._prep_bc(Bg), ts._prep_bc(Cg)
+    cf = ts.pick_fwd_config(u.shape[1])
+    cb = ts.pick_config(A.shape[1], u.shape[1], True, 4, 16)
+    _, _, ckpt = ts._fwd(u, delta, A, ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T), D, z, bias,
+                         None, True, False, True, cf)
+    rows = []
+    cs = ts.cuda_scan
+    default_ch = cs.CHANNELS_PER_BLOCK
+    runs = [("triton", None, None)] + [("cuda", s or None, ch) for ch in chs for s in segs]
+    for kernel, seg, ch in runs:
+        cs.CHANNELS_PER_BLOCK = ch or default_ch
+        try:
+            ms = median_ms(lambda k=kernel, s=seg: ts._bwd(dout, None, u, delta, A, Bb, Cb, D,
+                                                           z, bias, None, ckpt, True, cb, s, k),
+                           reps)
+        finally:
+            cs.CHANNELS_PER_BLOCK = default_ch
+        rows.append({"kernel": kernel, "segments": seg, "channels_per_block": ch, "ms": ms})
+        print(f"  bwd kernel {kernel} channels/block {ch or '-'} segments {seg or 'auto'}: "
+              f"{ms:.3f} ms", flush=True)
+    return rows
+
+
 def load_module(path: str):
     """Another version of alignmamba/ssm/triton_scan.py (e.g. ``git show REV:path > F``), to
     time it beside the current one in the same run."""
@@ -157,6 +190,11 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch chunked path")
     ap.add_argument("--sweep", action="store_true", help="also time tile-shape variants")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--bwd-segs", type=int, nargs="*", default=None, metavar="S",
+                    help="time the CUDA backward at these segment counts (0 = auto) beside "
+                         "the Triton one")
+    ap.add_argument("--bwd-ch", type=int, nargs="*", default=[128], metavar="CH",
+                    help="channels per block of the CUDA backward for --bwd-segs")
     ap.add_argument("--other", default=None, metavar="FILE",
                     help="also time this version of triton_scan.py (e.g. the previous commit's)")
     args = ap.parse_args()
@@ -179,6 +217,12 @@ def main() -> None:
 
     tri = time_path(selective_scan_triton, x, dout, args.reps)
     result["triton_scan"] = tri
+    # the same with the Triton backward kernel (the CUDA one is the default where it runs)
+    result["triton_bwd_kernel"] = time_path(
+        functools.partial(selective_scan_triton, bwd_kernel="triton"), x, dout, args.reps)
+    if args.bwd_segs is not None:
+        result["bwd_kernels"] = bwd_kernels(x, dout, args.bwd_segs, args.reps,
+                                            tuple(args.bwd_ch))
     if not args.no_torch:
         from alignmamba.ssm.scan import selective_scan_chunked
 
@@ -212,6 +256,9 @@ def main() -> None:
         if "torch_chunked" in result:
             sp = f"{result['torch_chunked'][key] / ms:8.1f}x"
         print(f"{name:28s} {ms:9.3f} {gbs(nb, ms):8.0f} {100 * gbs(nb, ms) / copy_gbs:6.1f}% {sp}")
+    tb = result["triton_bwd_kernel"]
+    print(f"{'bwd, Triton kernel':28s} {tb['bwd_ms']:9.3f} {gbs(nbytes['bwd'], tb['bwd_ms']):8.0f} "
+          f"{100 * gbs(nbytes['bwd'], tb['bwd_ms']) / copy_gbs:6.1f}%  (default {tri['bwd_ms'] / tb['bwd_ms']:.2f}x its time)")
     if "other_scan" in result:
         o = result["other_scan"]
         for key, name in (("fwd_ms", "fwd (inference)"), ("fwd_train_ms", "fwd (saves ckpt)"),

@@ -1,8 +1,12 @@
-"""One forward scan launch per variant, for Nsight Compute (stall reasons per SASS line).
+"""Scan launches for Nsight Compute (stall reasons per SASS line): the forward, or with
+``--backward KERNEL`` the backward ("cuda": KERNEL_NOTES v9, or "triton") from one forward's
+checkpoints.
 
 ``ncu -k regex:_ssm_fwd_kernel -o rep python benchmarks/ncu_fwd.py [--batch B --dim D --length L]``
-then ``ncu -i rep.ncu-rep --page source --csv --print-source sass``. Runs the single-pass forward
-without and with state checkpoints (issue-6 shape by default), after one warm-up each.
+(``-k regex:ssm_bwd`` with ``--backward cuda``) then
+``ncu -i rep.ncu-rep --page source --csv --print-source sass``. The forward runs the single pass
+without and with state checkpoints (issue-6 shape by default), the backward one launch; each after
+one warm-up (the first call compiles).
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--length", type=int, default=16384)
     ap.add_argument("--segments", type=int, default=1)
+    ap.add_argument("--backward", default=None, choices=("cuda", "triton"),
+                    help="profile this backward kernel instead of the forward")
     a = ap.parse_args()
     x = make_inputs(a.batch, a.dim, 16, a.length)
     u, delta, A, B, C, D, z, bias = (x[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
@@ -33,6 +39,16 @@ def main() -> None:
     Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
     cf = ts.pick_fwd_config(a.dim)
     Bf, Cf = ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T)
+    if a.backward:
+        cb = ts.pick_config(16, a.dim, True, 4, 16)
+        _, _, ckpt = ts._fwd(u, delta, A, Bf, Cf, D, z, bias, None, True, False, True, cf)
+        dout = torch.randn_like(u)
+        Bb, Cb = ts._prep_bc(Bg), ts._prep_bc(Cg)
+        for _ in range(2):
+            ts._bwd(dout, None, u, delta, A, Bb, Cb, D, z, bias, None, ckpt, True, cb,
+                    a.segments, a.backward)
+        torch.cuda.synchronize()
+        return
     for ck in (False, True):
         for _ in range(2):  # the first compiles; ncu profiles every matching launch
             ts._fwd(u, delta, A, Bf, Cf, D, z, bias, None, True, False, ck, cf, a.segments)
