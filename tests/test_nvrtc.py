@@ -32,3 +32,24 @@ def test_kernel_source_ships_with_the_package():
 
     src = res.files("alignmamba.ssm").joinpath("scan_bwd.cu").read_text()
     assert "ssm_bwd" in src and "#include" not in src  # NVRTC needs no CUDA headers for it
+
+
+def test_a_missing_library_is_searched_for_once(monkeypatch):
+    """Without NVRTC every backward asks again; the search (a glob over site-packages) runs once."""
+    calls = []
+
+    def no_lib(name):
+        calls.append(name)
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(nvrtc, "_libs", {})
+    monkeypatch.setattr(nvrtc, "_missing", {})
+    monkeypatch.setattr(nvrtc.ctypes, "CDLL", no_lib)
+    with pytest.raises(nvrtc.NvrtcError, match="libnvrtc"):
+        nvrtc._open_nvrtc()
+    searched = len(calls)
+    assert searched >= 1
+    for _ in range(2):
+        with pytest.raises(nvrtc.NvrtcError, match="libnvrtc"):
+            nvrtc._open_nvrtc()
+    assert len(calls) == searched

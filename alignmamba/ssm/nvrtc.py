@@ -32,9 +32,15 @@ _kernels: dict[tuple, Kernel] = {}
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
+_missing: dict[str, str] = {}  # library -> why it could not be opened (searched once)
+
+
 def _open_nvrtc(path: str | None = None) -> ctypes.CDLL:
-    if "nvrtc" in _libs and path is None:
-        return _libs["nvrtc"]
+    if path is None:
+        if "nvrtc" in _libs:
+            return _libs["nvrtc"]
+        if "nvrtc" in _missing:
+            raise NvrtcError(_missing["nvrtc"])
     names = [path] if path else []
     major = (torch.version.cuda or "").split(".")[0]
     if not path:
@@ -58,15 +64,21 @@ def _open_nvrtc(path: str | None = None) -> ctypes.CDLL:
         if path is None:
             _libs["nvrtc"] = lib
         return lib
-    raise NvrtcError("NVRTC (libnvrtc) not found: " + ("; ".join(errors[-2:]) or "no candidates"))
+    why = "NVRTC (libnvrtc) not found: " + ("; ".join(errors[-2:]) or "no candidates")
+    if path is None:
+        _missing["nvrtc"] = why
+    raise NvrtcError(why)
 
 
 def _open_cuda() -> ctypes.CDLL:
     if "cuda" not in _libs:
+        if "cuda" in _missing:
+            raise NvrtcError(_missing["cuda"])
         try:
             _libs["cuda"] = ctypes.CDLL("libcuda.so.1")
         except OSError as exc:
-            raise NvrtcError(f"CUDA driver (libcuda.so.1) not found: {exc}") from None
+            _missing["cuda"] = f"CUDA driver (libcuda.so.1) not found: {exc}"
+            raise NvrtcError(_missing["cuda"]) from None
     return _libs["cuda"]
 
 
