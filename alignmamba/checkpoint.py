@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import from_dict, to_dict
 from .errors import AlignMambaError, CheckpointError

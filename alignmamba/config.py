@@ -53,7 +53,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where)
-    if origin in (list, tuple, typing.List, typing.Tuple):
+    if origin in (list, tuple):
         args = get_args(tp)
         elem = args[0] if args else Any
         if isinstance(value, str):
@@ -61,8 +61,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         out = [coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin in (tuple, typing.Tuple) else out
-    if origin in (dict, typing.Dict):
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         kt, vt = get_args(tp) or (Any, Any)

@@ -8,7 +8,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, read_checkpoint_config
+from .checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    read_checkpoint_config,
+)
 from .config import from_dict
 from .errors import AlignMambaError, DataError
 
@@ -93,7 +98,7 @@ def plot_plan(a: argparse.Namespace) -> None:
     with torch.no_grad():
         out = forward_batch(model, batch, return_plans=True)  # passes text_bert to a BERT model
     if not out.plans:
-        raise AlignMambaError(f"--checkpoint: this model was trained without OT alignment (use_ot=false)")
+        raise AlignMambaError("--checkpoint: this model was trained without OT alignment (use_ot=false)")
 
     def n_valid(m: str) -> int:
         """Valid tokens of sample 0 for modality m, as the model counts them."""

@@ -16,12 +16,11 @@ documented default. The same config type also drives the baselines of ``baseline
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import alignment as al
 from .errors import AlignMambaError, ConfigError

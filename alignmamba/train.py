@@ -30,14 +30,15 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import distributed as D
 from .checkpoint import atomic_write_json, atomic_write_text
@@ -45,7 +46,6 @@ from .config import apply_overrides, from_dict, load_file, merge_dicts, to_dict
 from .errors import AlignMambaError, ConfigError
 from .metrics import classification_metrics, msa_metrics
 from .model import AlignMambaConfig, build_model
-
 
 # ------------------------------------------------------------------ configs
 

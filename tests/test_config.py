@@ -3,9 +3,9 @@ import json
 
 import pytest
 
+from alignmamba.config import apply_overrides, to_dict
 from alignmamba.errors import ConfigError
 from alignmamba.train import ExperimentConfig, resolve_config
-from alignmamba.config import apply_overrides, to_dict
 
 
 def test_overrides_typed_and_nested():
