@@ -70,9 +70,7 @@ def pick_segments(bsz: int, dim: int, groups: int, length: int, device: torch.de
     sms = torch.cuda.get_device_properties(device).multi_processor_count * blocks_per_sm(ch)
     n_ck = -(-length // SEG)
     best, best_cost = 1, float("inf")
-    for s in range(1, max(1, n_ck // 4) + 1):
-        if s > 64:
-            break
+    for s in range(1, min(64, max(1, n_ck // 4)) + 1):
         cost = -(-blocks * s // sms) / s
         if cost < best_cost * 0.97:
             best, best_cost = s, cost
@@ -80,13 +78,15 @@ def pick_segments(bsz: int, dim: int, groups: int, length: int, device: torch.de
 
 
 def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, delta_bias, h0,
-                            ckpt, softplus):
+                            ckpt, softplus, outs: tuple) -> None:
     """Launch ``ssm_bwd`` on all (channel block, batch, time segment) at once.
 
     Shapes as in ``triton_scan._bwd``: u, delta, z, dout (B, D, L); A (D, N); Bg, Cg
     (B, G, N, L) fp32 with contiguous time; ckpt (B, n_ck, N, D); seeds (B, S, D, N) or None.
-    Returns du, ddelta, dA partials (B*S, D, N), dB, dC (B, G, N, L) fp32, dD and
-    d(delta_bias) partials (B*S, D) or None, dz, dh0."""
+    ``outs`` as ``_bwd`` allocates them for either kernel: du, ddelta, dz (B, D, L)
+    contiguous, dA partials (B*S, D, N), dB, dC (B, G, N, L) fp32 zeroed, dD and d(delta_bias)
+    partials (B*S, D), dh0 (B, D, N); None where the input is absent."""
+    du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dh0 = outs
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     dg = dim // groups
@@ -99,16 +99,8 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
     Af = A.to(f32).contiguous()
     Dv = D.to(f32).contiguous() if D is not None else None
     bias = delta_bias.to(f32).contiguous() if delta_bias is not None else None
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
-    dA_part = torch.empty(bsz * S, dim, dstate, device=dev, dtype=f32)
-    dB = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
-    dC = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
-    dD_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if bias is not None else None
-    dh0 = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if h0 is not None else None
     streams = [t for t in (u, delta, dout, z, du, ddelta, dz) if t is not None]
+    assert all(t.is_contiguous() for t in streams)
     vec = length % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in streams)
     flags = (D is not None, z is not None, bias is not None, bool(softplus), h0 is not None,
              seeds is not None, vec)
@@ -123,4 +115,3 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
             du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dh0,
             length, dim, dstate, groups, dg, n_blk_g, n_ck, ck_per,
         ], dev)
-    return du, ddelta, dA_part, dB, dC, dD_part, dbias_part, dz, dh0

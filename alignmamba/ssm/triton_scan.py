@@ -958,11 +958,9 @@ def _pick_bwd_kernel(kernel: str | None, u: Tensor, delta: Tensor, z: Tensor | N
     if name not in ("auto", "cuda", "triton"):
         raise AlignMambaError(f"selective_scan_triton: bwd_kernel={name!r} (or {ENV_BWD}) is not "
                               "one of auto, cuda, triton")
-    if name == "triton":
-        return name
+    if name == "triton" or (name == "auto" and u.device in _CUDA_BWD_BROKEN):
+        return "triton"  # forced, or the CUDA kernel failed here before (warned then)
     ok, why = cuda_scan.bwd_supported(u, delta, z, dstate, step)
-    if ok and name == "auto" and u.device in _CUDA_BWD_BROKEN:
-        return "triton"  # it failed here before (warned then)
     if ok:
         return "cuda" if name == "cuda" else "cuda-auto"
     if name == "cuda":
@@ -982,7 +980,6 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
     ``cuda_scan``) or "triton" (``_ssm_bwd_kernel``)."""
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
-    (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg)
     At = A.t().contiguous()
     seg_arg = segments
     if segments is None:
@@ -991,14 +988,25 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
                     pick_bwd_segments(bsz, dim, groups, length, cfg, u.device))
     seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
                                   cfg.BL * cfg.CK, max(1, int(segments)))
+    dev = u.device
+    f32 = torch.float32
+    # outputs of either kernel; the (B, D, L) ones contiguous (the CUDA kernel indexes them so)
+    du = torch.empty(u.shape, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(u.shape, device=dev, dtype=delta.dtype)
+    dz = torch.empty(u.shape, device=dev, dtype=z.dtype) if z is not None else None
+    # partials per (batch, segment); seeds (B, S, D, N) and dh0 (B, D, N) share their strides
+    dA_part = torch.empty(bsz * S, dim, dstate, device=dev, dtype=f32)
+    dBg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
+    dCg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
+    dD_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if delta_bias is not None \
+        else None
+    dh0 = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if h0 is not None else None
     if kernel in ("cuda", "cuda-auto"):
         try:
-            du, ddelta, dA_part, dBg, dCg, dD_part, dbias_part, dz, dh0 = \
-                cuda_scan.selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg,
-                                                  D, z, delta_bias, h0, ckpt, softplus)
-            return (du, ddelta, dA_part.sum(0), dBg, dCg,
-                    dD_part.sum(0) if dD_part is not None else None, dz,
-                    dbias_part.sum(0) if dbias_part is not None else None, dh0)
+            cuda_scan.selective_scan_bwd_cuda(
+                dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt,
+                softplus, (du, ddelta, dz, dA_part, dBg, dCg, dD_part, dbias_part, dh0))
         except nvrtc.NvrtcError as exc:
             if kernel == "cuda":
                 raise AlignMambaError(f"selective_scan_triton: CUDA backward failed: {exc}") \
@@ -1008,21 +1016,25 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
             _CUDA_BWD_BROKEN.add(u.device)
             return _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
                         cfg, seg_arg, "triton")
-    dev = u.device
-    f32 = torch.float32
-    du = torch.empty_like(u)
-    ddelta = torch.empty(u.shape, device=dev, dtype=delta.dtype)
-    dz = torch.empty(u.shape, device=dev, dtype=z.dtype) if z is not None else None
+    else:
+        _launch_bwd(dout, seeds, S, ck_per, u, delta, At, Bg, Cg, D, z, delta_bias, h0, ckpt,
+                    softplus, cfg, (du, ddelta, dz, dA_part, dBg, dCg, dD_part, dbias_part, dh0))
+    dA = dA_part.sum(0)
+    dD = dD_part.sum(0) if dD_part is not None else None
+    dbias = dbias_part.sum(0) if dbias_part is not None else None
+    return du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0
+
+
+def _launch_bwd(dout, seeds, S, ck_per, u, delta, At, Bg, Cg, D, z, delta_bias, h0, ckpt,
+                softplus, cfg: ScanConfig, outs: tuple) -> None:
+    """The Triton backward kernel (v3 tiles, v8 segments) into ``outs`` (as ``_bwd`` made them)."""
+    du, ddelta, dz, dA_part, dBg, dCg, dD_part, dbias_part, dh0 = outs
+    bsz, dim, length = u.shape
+    groups, dstate = Bg.shape[1], At.shape[0]
+    (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg)
+    dev, f32 = u.device, torch.float32
     # (B, D, L) outputs share one set of strides
     assert du.stride() == ddelta.stride() and (dz is None or dz.stride() == du.stride())
-    # partials per (batch, segment); seeds (B, S, D, N) and dh0 (B, D, N) share their strides
-    dA_part = torch.empty(bsz * S, dim, dstate, device=dev, dtype=f32)
-    dBg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
-    dCg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
-    dD_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if delta_bias is not None \
-        else None
-    dh0 = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if h0 is not None else None
     np2 = cfg.NI * cfg.NL
     n_prog = gx * bsz * S
     scr = torch.empty(n_prog, cfg.CK, np2, cfg.block_d, device=dev, dtype=f32) if cfg.CK > 1 \
@@ -1049,10 +1061,6 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
         SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, HAS_DLAST=seeds is not None,
         FAST=_fast_math(), num_warps=cfg.num_warps, **cfg.meta(),
     )
-    dA = dA_part.sum(0)
-    dD = dD_part.sum(0) if dD_part is not None else None
-    dbias = dbias_part.sum(0) if dbias_part is not None else None
-    return du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0
 
 
 class _SelectiveScanFn(torch.autograd.Function):
