@@ -126,29 +126,13 @@ __device__ __forceinline__ void raw_unpack(const Raw<DT>& r, float (&out)[TS]) {
     }
 }
 
-// TS consecutive steps of one row starting at p, nv of them valid (the rest read as 0).
-// VEC: rows are 16-byte aligned at sub-chunk starts (L a multiple of 8, aligned base).
-template <int DT, bool VEC>
+// TS consecutive steps of one row starting at p, nv of them valid (the rest read as 0), one
+// element at a time: rows that are not 16-byte aligned, and the sequence's partial last
+// sub-chunk (whole aligned sub-chunks go through raw_load / raw_unpack)
+template <int DT>
 __device__ __forceinline__ void load_ts(const typename Elem<DT>::T* p, int nv, float (&out)[TS]) {
-    if (VEC && nv == TS) {
-        if constexpr (DT == 0) {
-            float4 a = *reinterpret_cast<const float4*>(p);
-            float4 b = *reinterpret_cast<const float4*>(p + 4);
-            out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-            out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
-        } else {
-            uint4 a = *reinterpret_cast<const uint4*>(p);
-            unsigned w[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                out[2 * i] = Elem<DT>::f((u16)(w[i] & 0xffffu));
-                out[2 * i + 1] = Elem<DT>::f((u16)(w[i] >> 16));
-            }
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < TS; ++i) out[i] = i < nv ? Elem<DT>::f(p[i]) : 0.f;
-    }
+    for (int i = 0; i < TS; ++i) out[i] = i < nv ? Elem<DT>::f(p[i]) : 0.f;
 }
 
 template <int DT, bool VEC>
@@ -327,8 +311,8 @@ __global__ void __launch_bounds__(NT, 1) ssm_bwd(
                     nd = raw_load<DT>(dt + row + t0 + (k + 1) * TS);
                 }
             } else {
-                load_ts<DT, VEC>(u + row + t0 + k * TS, TS, uu);
-                load_ts<DT, VEC>(dt + row + t0 + k * TS, TS, rr);
+                load_ts<DT>(u + row + t0 + k * TS, TS, uu);
+                load_ts<DT>(dt + row + t0 + k * TS, TS, rr);
             }
 #pragma unroll
             for (int tt = 0; tt < TS; ++tt) {
@@ -366,10 +350,10 @@ __global__ void __launch_bounds__(NT, 1) ssm_bwd(
                 raw_unpack<DT>(rg, gg);
                 if (HAS_Z) raw_unpack<DT>(rz, zz);
             } else {
-                load_ts<DT, false>(u + row + tk, nv, uu);
-                load_ts<DT, false>(dt + row + tk, nv, rr);
-                load_ts<DT, false>(dout + row + tk, nv, gg);
-                if (HAS_Z) load_ts<DT, false>(z + row + tk, nv, zz);
+                load_ts<DT>(u + row + tk, nv, uu);
+                load_ts<DT>(dt + row + tk, nv, rr);
+                load_ts<DT>(dout + row + tk, nv, gg);
+                if (HAS_Z) load_ts<DT>(z + row + tk, nv, zz);
             }
 #pragma unroll
             for (int tt = 0; tt < TS; ++tt) {
