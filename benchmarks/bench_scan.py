@@ -102,6 +102,31 @@ def time_path(fn, x, dout, reps: int) -> dict[str, float]:
     return res
 
 
+def bwd_setup(x: dict) -> dict:
+    """What a direct backward launch needs (``triton_scan._bwd``): the inputs, B/C as the
+    backward takes them (``Bb``, ``Cb``), B/C grouped (``Bg``, ``Cg``) and the checkpoints of one
+    default forward (``ckpt``)."""
+    import alignmamba.ssm.triton_scan as ts
+
+    s = {k: x[k] for k in ("u", "delta", "A", "D", "z", "delta_bias")}
+    s["Bg"], s["Cg"], _ = ts._check(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                    x["delta_bias"], None)
+    s["Bb"], s["Cb"] = ts._prep_bc(s["Bg"]), ts._prep_bc(s["Cg"])
+    cf = ts.pick_fwd_config(x["u"].shape[1])
+    _, _, s["ckpt"] = ts._fwd(x["u"], x["delta"], x["A"], ts._rows_bc(s["Bg"], cf.T),
+                              ts._rows_bc(s["Cg"], cf.T), x["D"], x["z"], x["delta_bias"], None,
+                              True, False, True, cf)
+    return s
+
+
+def run_bwd(s: dict, dout, cfg, segments, kernel: str = "triton"):
+    """One ``_bwd`` call on a :func:`bwd_setup` (no final-state gradient, no h0, softplus)."""
+    import alignmamba.ssm.triton_scan as ts
+
+    return ts._bwd(dout, None, s["u"], s["delta"], s["A"], s["Bb"], s["Cb"], s["D"], s["z"],
+                   s["delta_bias"], None, s["ckpt"], True, cfg, segments, kernel)
+
+
 def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
     """Time kernel variants directly (forward, and backward from that forward's checkpoints)."""
     import alignmamba.ssm.triton_scan as ts
@@ -123,14 +148,10 @@ def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
                      "ms_with_ckpt": ms_ck, "wall_s": time.time() - t0})
         print(f"  fwd {cf} segments {seg}: {ms:.3f} ms (with checkpoints {ms_ck:.3f} ms)",
               flush=True)
-    Bb, Cb = ts._prep_bc(Bg), ts._prep_bc(Cg)
-    cf = ts.pick_fwd_config(u.shape[1])
-    _, _, ckpt = ts._fwd(u, delta, A, ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T), D, z, bias,
-                         None, True, False, True, cf)
+    sb = bwd_setup(x)
     for cb, seg in configs_b:
         t0 = time.time()
-        ms = median_ms(lambda cb=cb, seg=seg: ts._bwd(dout, None, u, delta, A, Bb, Cb, D, z,
-                                                      bias, None, ckpt, True, cb, seg), reps)
+        ms = median_ms(lambda cb=cb, seg=seg: run_bwd(sb, dout, cb, seg), reps)
         rows.append({"kind": "bwd", "cfg": repr(cb), "segments": seg, "ms": ms,
                      "wall_s": time.time() - t0})
         print(f"  bwd {cb} segments {seg}: {ms:.3f} ms", flush=True)
@@ -143,14 +164,8 @@ def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128
     checkpoints, seeds pass included."""
     import alignmamba.ssm.triton_scan as ts
 
-    u, delta, A, B, C, D, z, bias = (x[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
-                                                  "delta_bias"))
-    Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
-    Bb, Cb = ts._prep_bc(Bg), ts._prep_bc(Cg)
-    cf = ts.pick_fwd_config(u.shape[1])
-    cb = ts.pick_config(A.shape[1], u.shape[1], True, 4, 16)
-    _, _, ckpt = ts._fwd(u, delta, A, ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T), D, z, bias,
-                         None, True, False, True, cf)
+    sb = bwd_setup(x)
+    cb = ts.pick_config(x["A"].shape[1], x["u"].shape[1], True, 4, 16)
     rows = []
     cs = ts.cuda_scan
     default_ch = cs.CHANNELS_PER_BLOCK
@@ -158,9 +173,7 @@ def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128
     for kernel, seg, ch in runs:
         cs.CHANNELS_PER_BLOCK = ch or default_ch
         try:
-            ms = median_ms(lambda k=kernel, s=seg: ts._bwd(dout, None, u, delta, A, Bb, Cb, D,
-                                                           z, bias, None, ckpt, True, cb, s, k),
-                           reps)
+            ms = median_ms(lambda k=kernel, s=seg: run_bwd(sb, dout, cb, s, k), reps)
         finally:
             cs.CHANNELS_PER_BLOCK = default_ch
         rows.append({"kernel": kernel, "segments": seg, "channels_per_block": ch, "ms": ms})

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_scan import make_inputs
+from bench_scan import bwd_setup, make_inputs, run_bwd
 
 from alignmamba.ssm import triton_scan as ts
 
@@ -40,13 +40,10 @@ def main() -> None:
     cf = ts.pick_fwd_config(a.dim)
     Bf, Cf = ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T)
     if a.backward:
+        sb, dout = bwd_setup(x), torch.randn_like(u)
         cb = ts.pick_config(16, a.dim, True, 4, 16)
-        _, _, ckpt = ts._fwd(u, delta, A, Bf, Cf, D, z, bias, None, True, False, True, cf)
-        dout = torch.randn_like(u)
-        Bb, Cb = ts._prep_bc(Bg), ts._prep_bc(Cg)
         for _ in range(2):
-            ts._bwd(dout, None, u, delta, A, Bb, Cb, D, z, bias, None, ckpt, True, cb,
-                    a.segments, a.backward)
+            run_bwd(sb, dout, cb, a.segments, a.backward)
         torch.cuda.synchronize()
         return
     for ck in (False, True):
