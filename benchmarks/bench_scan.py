@@ -113,9 +113,8 @@ def bwd_setup(x: dict) -> dict:
                                     x["delta_bias"], None)
     s["Bb"], s["Cb"] = ts._prep_bc(s["Bg"]), ts._prep_bc(s["Cg"])
     cf = ts.pick_fwd_config(x["u"].shape[1])
-    _, _, s["ckpt"] = ts._fwd(x["u"], x["delta"], x["A"], ts._rows_bc(s["Bg"], cf.T),
-                              ts._rows_bc(s["Cg"], cf.T), x["D"], x["z"], x["delta_bias"], None,
-                              True, False, True, cf)
+    _, _, s["ckpt"] = ts._fwd(x["u"], x["delta"], x["A"], s["Bg"], s["Cg"], x["D"], x["z"],
+                              x["delta_bias"], None, True, False, True, cf)
     return s
 
 
@@ -137,10 +136,9 @@ def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
     rows = []
     for cf, seg in configs_f:
         t0 = time.time()
-        Bf, Cf = ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T)
 
-        def fwd(ck, cf=cf, seg=seg, Bf=Bf, Cf=Cf):
-            return ts._fwd(u, delta, A, Bf, Cf, D, z, bias, None, True, False, ck, cf, seg)
+        def fwd(ck, cf=cf, seg=seg):
+            return ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False, ck, cf, seg)
 
         ms = median_ms(lambda: fwd(False), reps)
         ms_ck = median_ms(lambda: fwd(True), reps)
@@ -182,6 +180,31 @@ def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128
     return rows
 
 
+def fwd_kernels(x, segs: list[int], minbs: list[int], reps: int) -> list[dict]:
+    """The forward alone, called directly (``triton_scan._fwd``): Triton (v7) at its picker's
+    segments, then CUDA (NVRTC, KERNEL_NOTES v10) at each segment count in ``segs`` (0 = its
+    picker) and register budget in ``minbs`` (blocks per SM; 0 = default); inference and
+    with checkpoints."""
+    import alignmamba.ssm.triton_scan as ts
+
+    u, delta, A, B, C, D, z, bias = (x[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
+                                                  "delta_bias"))
+    Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
+    cf = ts.pick_fwd_config(u.shape[1])
+    rows = []
+    runs = [("triton", None, 0)] + [("cuda", s or None, m) for m in minbs for s in segs]
+    for kernel, seg, minb in runs:
+        def fwd(ck, k=kernel, seg=seg, m=minb):
+            return ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False, ck, cf, seg, k, m)
+
+        ms, ms_ck = median_ms(lambda: fwd(False), reps), median_ms(lambda: fwd(True), reps)
+        rows.append({"kernel": kernel, "segments": seg, "minb": minb, "ms": ms,
+                     "ms_with_ckpt": ms_ck})
+        print(f"  fwd kernel {kernel} minb {minb or '-'} segments {seg or 'auto'}: {ms:.3f} ms "
+              f"(with checkpoints {ms_ck:.3f} ms)", flush=True)
+    return rows
+
+
 def load_module(path: str):
     """Another version of alignmamba/ssm/triton_scan.py (e.g. ``git show REV:path > F``), to
     time it beside the current one in the same run."""
@@ -208,6 +231,11 @@ def main() -> None:
                          "the Triton one")
     ap.add_argument("--bwd-ch", type=int, nargs="*", default=[128], metavar="CH",
                     help="channels per block of the CUDA backward for --bwd-segs")
+    ap.add_argument("--fwd-segs", type=int, nargs="*", default=None, metavar="S",
+                    help="time the CUDA forward at these segment counts (0 = auto) beside "
+                         "the Triton one")
+    ap.add_argument("--fwd-minb", type=int, nargs="*", default=[0], metavar="M",
+                    help="register budgets (blocks per SM) of the CUDA forward for --fwd-segs")
     ap.add_argument("--other", default=None, metavar="FILE",
                     help="also time this version of triton_scan.py (e.g. the previous commit's)")
     args = ap.parse_args()
@@ -230,9 +258,13 @@ def main() -> None:
 
     tri = time_path(selective_scan_triton, x, dout, args.reps)
     result["triton_scan"] = tri
-    # the same with the Triton backward kernel (the CUDA one is the default where it runs)
+    # the same with the Triton forward / backward kernel (CUDA is the default where it runs)
+    result["triton_fwd_kernel"] = time_path(
+        functools.partial(selective_scan_triton, fwd_kernel="triton"), x, dout, args.reps)
     result["triton_bwd_kernel"] = time_path(
         functools.partial(selective_scan_triton, bwd_kernel="triton"), x, dout, args.reps)
+    if args.fwd_segs is not None:
+        result["fwd_kernels"] = fwd_kernels(x, args.fwd_segs, args.fwd_minb, args.reps)
     if args.bwd_segs is not None:
         result["bwd_kernels"] = bwd_kernels(x, dout, args.bwd_segs, args.reps,
                                             tuple(args.bwd_ch))
@@ -269,6 +301,11 @@ def main() -> None:
         if "torch_chunked" in result:
             sp = f"{result['torch_chunked'][key] / ms:8.1f}x"
         print(f"{name:28s} {ms:9.3f} {gbs(nb, ms):8.0f} {100 * gbs(nb, ms) / copy_gbs:6.1f}% {sp}")
+    tf = result["triton_fwd_kernel"]
+    for key, name in (("fwd_ms", "fwd, Triton kernel"), ("fwd_train_ms", "fwd+ckpt, Triton kernel")):
+        print(f"{name:28s} {tf[key]:9.3f} {gbs(nbytes['fwd'], tf[key]):8.0f} "
+              f"{100 * gbs(nbytes['fwd'], tf[key]) / copy_gbs:6.1f}%  (default "
+              f"{tri[key] / tf[key]:.2f}x its time)")
     tb = result["triton_bwd_kernel"]
     print(f"{'bwd, Triton kernel':28s} {tb['bwd_ms']:9.3f} {gbs(nbytes['bwd'], tb['bwd_ms']):8.0f} "
           f"{100 * gbs(nbytes['bwd'], tb['bwd_ms']) / copy_gbs:6.1f}%  (default {tri['bwd_ms'] / tb['bwd_ms']:.2f}x its time)")

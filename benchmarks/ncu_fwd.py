@@ -2,8 +2,8 @@
 ``--backward KERNEL`` the backward ("cuda": KERNEL_NOTES v9, or "triton") from one forward's
 checkpoints.
 
-``ncu -k regex:_ssm_fwd_kernel -o rep python benchmarks/ncu_fwd.py [--batch B --dim D --length L]``
-(``-k regex:ssm_bwd`` with ``--backward cuda``) then
+``ncu -k regex:ssm_fwd -o rep python benchmarks/ncu_fwd.py [--batch B --dim D --length L]
+[--kernel cuda|triton]`` (``-k regex:ssm_bwd`` with ``--backward cuda``) then
 ``ncu -i rep.ncu-rep --page source --csv --print-source sass``. The forward runs the single pass
 without and with state checkpoints (issue-6 shape by default), the backward one launch; each after
 one warm-up (the first call compiles).
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--length", type=int, default=16384)
     ap.add_argument("--segments", type=int, default=1)
+    ap.add_argument("--kernel", default="cuda", choices=("cuda", "triton"),
+                    help="the forward kernel (KERNEL_NOTES v10 or v7)")
     ap.add_argument("--backward", default=None, choices=("cuda", "triton"),
                     help="profile this backward kernel instead of the forward")
     a = ap.parse_args()
@@ -38,7 +40,6 @@ def main() -> None:
                                                   "delta_bias"))
     Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
     cf = ts.pick_fwd_config(a.dim)
-    Bf, Cf = ts._rows_bc(Bg, cf.T), ts._rows_bc(Cg, cf.T)
     if a.backward:
         sb, dout = bwd_setup(x), torch.randn_like(u)
         cb = ts.pick_config(16, a.dim, True, 4, 16)
@@ -48,7 +49,8 @@ def main() -> None:
         return
     for ck in (False, True):
         for _ in range(2):  # the first compiles; ncu profiles every matching launch
-            ts._fwd(u, delta, A, Bf, Cf, D, z, bias, None, True, False, ck, cf, a.segments)
+            ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False, ck, cf, a.segments,
+                    a.kernel)
     torch.cuda.synchronize()
 
 

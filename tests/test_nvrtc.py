@@ -27,11 +27,27 @@ def test_kernel_arguments_are_checked_before_launch():
         k((1, 1, 1), 32, 0, [1.5], torch.device("cpu"))
 
 
-def test_kernel_source_ships_with_the_package():
+@pytest.mark.parametrize("name,kernel", [("scan_fwd.cu", "ssm_fwd"), ("scan_bwd.cu", "ssm_bwd")])
+def test_kernel_source_ships_with_the_package(name, kernel):
     import importlib.resources as res
 
-    src = res.files("alignmamba.ssm").joinpath("scan_bwd.cu").read_text()
-    assert "ssm_bwd" in src and "#include" not in src  # NVRTC needs no CUDA headers for it
+    files = res.files("alignmamba.ssm")
+    assert '#include "scan_common.cuh"' in files.joinpath(name).read_text()
+    assert files.joinpath("scan_common.cuh").is_file()
+    src = nvrtc.read_source(name)
+    # the shared helpers pasted in; nothing left for NVRTC to look up (no CUDA headers needed)
+    assert kernel in src and "__device__ __forceinline__ float ex2" in src
+    assert "#include" not in src
+
+
+def test_read_source_pastes_package_files_only(tmp_path, monkeypatch):
+    """Only a bare ``name.cuh`` next to the module is pasted; a path is left as written (and
+    NVRTC, given no include path, would then refuse it)."""
+    src = '#include "../evil.cuh"\n#include "scan_common.cuh"\nint k;\n'
+    (tmp_path / "k.cu").write_text(src)
+    (tmp_path / "scan_common.cuh").write_text("// common\n")
+    monkeypatch.setattr(nvrtc, "__file__", str(tmp_path / "nvrtc.py"))
+    assert nvrtc.read_source("k.cu") == '#include "../evil.cuh"\n// common\n\nint k;\n'
 
 
 def test_a_missing_library_is_searched_for_once(monkeypatch):

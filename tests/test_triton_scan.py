@@ -169,13 +169,14 @@ def run_with_grads(fn, x, softplus, last, dtype_ref=None, seed=0):
     return out.detach(), (None if state is None else state.detach()), grads
 
 
-def triton_fn(block_l=None, ck=None, segments=None, bwd_segments=None, bwd_kernel=None):
+def triton_fn(block_l=None, ck=None, segments=None, bwd_segments=None, bwd_kernel=None,
+              fwd_kernel=None):
     def fn(x, softplus, last):
         return ts.selective_scan_triton(
             x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
             delta_softplus=softplus, return_last_state=last, initial_state=x["initial_state"],
             block_l=block_l, chunks_per_ckpt=ck, segments=segments,
-            bwd_segments=bwd_segments, bwd_kernel=bwd_kernel)
+            bwd_segments=bwd_segments, fwd_kernel=fwd_kernel, bwd_kernel=bwd_kernel)
     return fn
 
 
@@ -509,33 +510,80 @@ def test_bwd_kernel_choice_is_checked(monkeypatch):
     assert not ok and "N=32" in why
 
 
+def test_fwd_kernel_choice_is_checked(monkeypatch):
+    """The forward's kernel choice fails the same ways, at the call (the forward runs there)."""
+    x = make_inputs(1, 4, 20, 9, 0, True, False, False, False, torch.float32, seed=2)
+    with pytest.raises(AlignMambaError, match="fwd_kernel='bogus'"):
+        triton_fn(fwd_kernel="bogus")(x, True, False)
+    with pytest.raises(AlignMambaError, match="fwd_kernel='cuda' cannot run: (N=20|not a CUDA)"):
+        triton_fn(fwd_kernel="cuda")(x, True, False)
+    monkeypatch.setenv(ts.ENV_FWD, "fast")
+    with pytest.raises(AlignMambaError, match="ALIGNMAMBA_SCAN_FWD"):
+        triton_fn()(x, True, False)
+    monkeypatch.setenv(ts.ENV_FWD, "triton")  # forced Triton runs anywhere Triton does
+    assert triton_fn()(x, True, False).shape == (1, 4, 9)
+    big = torch.zeros(1, 4, 9, dtype=torch.float16)
+    ok, why = ts.cuda_scan.fwd_supported(big, big.float(), None, 16, None)
+    assert not ok and "dtypes" in why
+    ok, why = ts.cuda_scan.fwd_supported(big, big, None, 16, 32)
+    assert not ok and "every 32 steps" in why
+
+
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
 @pytest.mark.parametrize("forced", [False, True])
-def test_cuda_backward_failure_falls_back_unless_forced(forced, monkeypatch):
-    """A CUDA backward that fails to compile or launch (here: simulated) is a one-time warning
-    and the Triton backward's exact gradients in auto mode, and an error when it was forced."""
+def test_cuda_kernel_failure_falls_back_unless_forced(which, forced, monkeypatch):
+    """A CUDA kernel that fails to compile or launch (here: simulated) is a one-time warning
+    and the Triton kernel's exact results in auto mode, and an error when it was forced."""
     from alignmamba.ssm import nvrtc
 
-    def broken(*args):
-        raise nvrtc.NvrtcError("NVRTC compile of ssm_bwd failed: simulated")
+    def broken(*args, **kw):
+        raise nvrtc.NvrtcError(f"NVRTC compile of ssm_{which} failed: simulated")
 
-    monkeypatch.setattr(ts, "_CUDA_BWD_BROKEN", set())
-    monkeypatch.setattr(ts.cuda_scan, "bwd_supported", lambda *a: (True, ""))
-    monkeypatch.setattr(ts.cuda_scan, "selective_scan_bwd_cuda", broken)
+    monkeypatch.setattr(ts, "_CUDA_BROKEN", {"fwd": set(), "bwd": set()})
+    monkeypatch.setattr(ts.cuda_scan, f"{which}_supported", lambda *a: (True, ""))
+    monkeypatch.setattr(ts.cuda_scan, f"selective_scan_{which}_cuda", broken)
     warned: list[str] = []
     monkeypatch.setattr(ts, "_warn_once", lambda key, msg: warned.append(msg))  # no dedupe
     x = make_inputs(2, 6, 4, 40, 0, True, True, True, True, torch.float32, seed=9)
-    fn = triton_fn(16, 2, bwd_kernel="cuda" if forced else None)
+    kw = {f"{which}_kernel": "cuda" if forced else None}
+    fn = triton_fn(16, 2, **kw)
+    pname = "forward" if which == "fwd" else "backward"
     if forced:
-        with pytest.raises(AlignMambaError, match="CUDA backward failed: NVRTC compile"):
+        with pytest.raises(AlignMambaError, match=f"CUDA {pname} failed: NVRTC compile"):
             run_with_grads(fn, x, True, True)
         return
-    _, _, grads = run_with_grads(fn, x, True, True)
-    _, _, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True, dtype_ref=torch.float64)
+    out, last, grads = run_with_grads(fn, x, True, True)
+    rout, rlast, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True,
+                                         dtype_ref=torch.float64)
+    assert rel_err(out, rout) < 1e-5 and rel_err(last, rlast) < 1e-5
     assert_grads_match(x, grads, rgrads)
-    assert len(warned) == 1 and "using the slower Triton backward" in warned[0]
-    assert len(ts._CUDA_BWD_BROKEN) == 1  # not tried again on this device
+    # (on a GPU the other pass may warn too: this tile's 32-step checkpoints don't fit it)
+    failed = [w for w in warned if "failed" in w]
+    assert len(failed) == 1 and f"CUDA scan {pname} failed" in failed[0]
+    assert f"using the slower Triton {pname}" in failed[0]
+    assert len(ts._CUDA_BROKEN[which]) == 1  # not tried again on this device
     run_with_grads(fn, x, True, True)
-    assert len(warned) == 1
+    assert len([w for w in warned if "failed" in w]) == 1
+
+
+def test_cuda_fwd_segments(monkeypatch):
+    """The CUDA forward cuts time only when its warps leave sub-partitions idle: none at the
+    issue shape (1536 warps for 528 sub-partitions), many for batch 1 x 512 channels, and
+    never below two checkpoints per segment."""
+    cs = ts.cuda_scan
+    assert cs.pick_fwd_segments(1, 512, 1, 65536, torch.device("cpu")) == 1
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+    gpu = torch.device("cuda")
+    assert cs.pick_fwd_segments(8, 1536, 1, 16384, gpu) == 1
+    assert cs.pick_fwd_segments(1, 512, 1, 100, gpu) == 1  # 2 checkpoints: one segment
+    assert cs.pick_fwd_segments(1, 512, 1, 256, gpu) == 2  # 4 checkpoints: 2 segments at most
+    s = cs.pick_fwd_segments(1, 512, 1, 65536, gpu)
+    assert 8 <= s <= 64
+    assert cs.pick_fwd_segments(1, 512, 1, 1024, gpu) == 8  # 16 checkpoints, 2 each
 
 
 def test_cuda_bwd_blocks_per_sm():
@@ -595,6 +643,45 @@ def test_cuda_backward_matches_float64(case, monkeypatch):
     assert_grads_match(x, grads, rgrads)
 
 
+@pytest.mark.skipif(not CUDA, reason="the CUDA forward (NVRTC) needs a CUDA device")
+@pytest.mark.parametrize("case", [
+    # (B, D, N, L, G, has_D, has_z, has_bias, softplus, last, h0, forward segments)
+    (2, 200, 16, 300, 2, True, True, True, True, True, True, None),  # 100-channel groups
+    (2, 256, 5, 256, 0, True, False, False, False, False, False, 1),  # N padded to 16
+    (1, 384, 16, 1000, 0, False, True, True, True, True, False, 3),  # time segments
+    (3, 130, 16, 77, 0, True, True, False, True, False, True, 1),  # a warp of 2 channels
+    (1, 128, 12, 1030, 4, True, True, True, True, True, True, 4),  # 32-channel groups, h0
+    (1, 64, 16, 4100, 0, True, True, True, True, True, True, None),  # auto segments
+], ids=lambda c: f"B{c[0]}-D{c[1]}-N{c[2]}-L{c[3]}-G{c[4]}-S{c[11]}")
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
+def test_cuda_forward_matches_float64(case, grad, monkeypatch):
+    """The CUDA forward kernel (KERNEL_NOTES v10): output and final state equal the float64
+    recurrence's; with gradients, its checkpoints feed the backward, so every gradient is
+    checked too. Lengths not a multiple of 8 (scalar loads) or 32 (a partial chunk), warps
+    with idle lanes, padded states, segments (local pass + combine), h0."""
+    bsz, D, N, L, G, has_d, has_z, has_bias, softplus, last, h0, S = case
+    calls = []
+    real = ts.cuda_scan.selective_scan_fwd_cuda
+    monkeypatch.setattr(ts.cuda_scan, "selective_scan_fwd_cuda",
+                        lambda *a: calls.append(a[14]) or real(*a))
+    x = make_inputs(bsz, D, N, L, G, has_d, has_z, has_bias, h0, torch.float32, seed=D + L + 1,
+                    softplus=softplus)
+    fn = triton_fn(segments=S, fwd_kernel="cuda")
+    rout, rlast, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
+                                         dtype_ref=torch.float64)
+    if grad:
+        out, st, grads = run_with_grads(fn, x, softplus, last)
+        assert_grads_match(x, grads, rgrads)
+    else:
+        with torch.no_grad():
+            res = fn(x, softplus, last)
+        out, st = res if last else (res, None)
+    assert len(calls) in (1, 2) and (S is None or calls[-1] == S)
+    assert rel_err(out, rout) < 1e-5
+    if last:
+        assert rel_err(st, rlast) < 1e-5
+
+
 @pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
 @pytest.mark.parametrize("ch", [64, 96])
 def test_cuda_backward_other_block_widths(ch, monkeypatch):
@@ -612,12 +699,14 @@ def test_cuda_backward_other_block_widths(ch, monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="compiled-kernel size check needs CUDA; the interpreter "
                     "covers the same code paths at small sizes above")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bwd_kernel", ["cuda", "triton"])
-def test_cuda_default_config_large(dtype, bwd_kernel):
+@pytest.mark.parametrize("fwd_kernel,bwd_kernel", [("cuda", "cuda"), ("triton", "cuda"),
+                                                   ("cuda", "triton"), ("triton", "triton")])
+def test_cuda_default_config_large(dtype, fwd_kernel, bwd_kernel):
     """Default tiles and checkpoint spacing at a realistic width on the GPU, with either
-    backward kernel."""
+    forward and either backward kernel (each backward walks the other forward's checkpoints)."""
     x = make_inputs(2, 256, 16, 1000, 0, True, True, True, False, dtype, seed=21)
-    out, _, grads = run_with_grads(triton_fn(bwd_kernel=bwd_kernel), x, True, False)
+    out, _, grads = run_with_grads(triton_fn(bwd_kernel=bwd_kernel, fwd_kernel=fwd_kernel), x,
+                                   True, False)
     tout, _, tgrads = run_with_grads(ref_fn(torch.float32), x, True, False)
     rout, _, rgrads = run_with_grads(ref_fn(torch.float64), x, True, False,
                                      dtype_ref=torch.float64)

@@ -1,9 +1,11 @@
-"""The selective scan's backward as a CUDA C++ kernel (``scan_bwd.cu``) compiled by NVRTC.
+"""The selective scan's forward and backward as CUDA C++ kernels (``scan_fwd.cu``,
+``scan_bwd.cu``) compiled by NVRTC.
 
 Used by :func:`alignmamba.ssm.triton_scan.selective_scan_triton` in place of its Triton
-backward kernel when NVRTC works on the device and the call fits the kernel (N <= 16; u,
-delta, z and the incoming gradient of one dtype among fp32/bf16/fp16; checkpoints every 64
-steps). The segment seeds (``_bwd_seeds``) stay Triton. Design: docs/KERNEL_NOTES.md, v9.
+kernels when NVRTC works on the device and the call fits the kernels (N <= 16; u, delta, z
+(and the incoming gradient) of one dtype among fp32/bf16/fp16; checkpoints every 64 steps).
+The segment combine and the backward's segment seeds stay Triton. Design:
+docs/KERNEL_NOTES.md, v9 (backward) and v10 (forward).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from torch import Tensor
 
 from alignmamba.ssm import nvrtc
 
-__all__ = ["SEG", "bwd_supported", "pick_segments", "selective_scan_bwd_cuda"]
+__all__ = ["SEG", "bwd_supported", "fwd_supported", "pick_fwd_segments", "pick_segments",
+           "selective_scan_bwd_cuda", "selective_scan_fwd_cuda"]
 
 SEG = 64          # checkpoint spacing the kernel walks (the forward's T * CK)
 CHANNELS_PER_BLOCK = 128  # two threads per channel; a multiple of 16 (one warp = 16 channels)
@@ -28,13 +31,13 @@ def smem_bytes(ch: int) -> int:
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def bwd_supported(u: Tensor, delta: Tensor, z: Tensor | None, dstate: int,
-                  step: int) -> tuple[bool, str]:
-    """(True, "") when the CUDA backward can run this call, else (False, why)."""
+def _supported(u: Tensor, delta: Tensor, z: Tensor | None, dstate: int,
+               step: int | None) -> tuple[bool, str]:
+    """What both kernels need; ``step`` None: no checkpoints are involved."""
     if dstate > _NP:
         return False, f"N={dstate} > {_NP}"
-    if step != SEG:
-        return False, f"checkpoints every {step} steps (the kernel walks {SEG})"
+    if step is not None and step != SEG:
+        return False, f"checkpoints every {step} steps (the kernels use {SEG})"
     dts = {t.dtype for t in (u, delta, z) if t is not None}
     if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
         return False, f"u/delta/z dtypes {sorted(map(str, dts))} (one of fp32/bf16/fp16 needed)"
@@ -43,6 +46,22 @@ def bwd_supported(u: Tensor, delta: Tensor, z: Tensor | None, dstate: int,
         return False, why
     if torch.cuda.get_device_capability(u.device) < (8, 0):
         return False, "compute capability < 8.0"
+    return True, ""
+
+
+def fwd_supported(u: Tensor, delta: Tensor, z: Tensor | None, dstate: int,
+                  step: int | None) -> tuple[bool, str]:
+    """(True, "") when the CUDA forward can run this call, else (False, why). ``step``: the
+    checkpoint spacing the backward expects, None for inference (no checkpoints)."""
+    return _supported(u, delta, z, dstate, step)
+
+
+def bwd_supported(u: Tensor, delta: Tensor, z: Tensor | None, dstate: int,
+                  step: int) -> tuple[bool, str]:
+    """(True, "") when the CUDA backward can run this call, else (False, why)."""
+    ok, why = _supported(u, delta, z, dstate, step)
+    if not ok:
+        return ok, why
     props = torch.cuda.get_device_properties(u.device)
     have = getattr(props, "shared_memory_per_block_optin", 0)
     need = smem_bytes(CHANNELS_PER_BLOCK)
@@ -114,4 +133,87 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
             u, delta, z, dout, Af, Bg, Cg, Dv, bias, ckpt, seeds,
             du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dh0,
             length, dim, dstate, groups, dg, n_blk_g, n_ck, ck_per,
+        ], dev)
+
+
+# ------------------------------------------------------------------------------------------
+# forward (scan_fwd.cu, KERNEL_NOTES v10)
+# ------------------------------------------------------------------------------------------
+
+FWD_CHANNELS_PER_BLOCK = 32   # 4 warps x 8 channels, 4 lanes per channel
+FWD_THREADS = 128
+FWD_MIN_BLOCKS = 3            # __launch_bounds__: registers for 3 resident blocks per SM (168)
+FWD_WARPS_PER_SMSP = 2        # segments are cut until the warps give this many per sub-partition
+FWD_LOCAL_COST = 0.9          # pass 1 of a segmented forward relative to a full pass
+
+
+def pick_fwd_segments(bsz: int, dim: int, groups: int, length: int,
+                      device: torch.device) -> int:
+    """Time segments for the CUDA forward. Its warps walk time sequentially (8 channels each);
+    the exp unit of an SM sub-partition is what bounds them, so a single pass wants at least
+    FWD_WARPS_PER_SMSP warps on every sub-partition. With fewer, cut time into S segments
+    (whole checkpoints, at least 2 each, S <= 64) minimising the modelled time
+    (1 + FWD_LOCAL_COST [S > 1]) x ceil(warps S / slots) / S; another S must win by 3%."""
+    if device.type != "cuda":
+        return 1
+    dg = dim // groups
+    warps = bsz * groups * -(-dg // FWD_CHANNELS_PER_BLOCK) * (FWD_THREADS // 32)
+    slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count \
+        * FWD_WARPS_PER_SMSP
+    n_ck = -(-length // SEG)
+    best, best_cost = 1, float(-(-warps // slots))
+    for s in range(2, min(64, n_ck // 2) + 1):
+        cost = (1 + FWD_LOCAL_COST) * -(-warps * s // slots) / s
+        if cost < best_cost * 0.97:
+            best, best_cost = s, cost
+    return best
+
+
+def rows16(t: Tensor) -> Tensor:
+    """B or C for the CUDA forward: (B, G, L, 16) fp32, one row of states per step, states
+    zero-padded to 16 (the kernel's rows are 64 bytes)."""
+    bsz, groups, dstate, length = t.shape
+    if dstate == _NP:
+        return t.transpose(-1, -2).to(torch.float32).contiguous()
+    out = torch.zeros(bsz, groups, length, _NP, device=t.device, dtype=torch.float32)
+    out[..., :dstate] = t.transpose(-1, -2)
+    return out
+
+
+def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
+                            Crows: Tensor | None, D: Tensor | None, z: Tensor | None,
+                            delta_bias: Tensor | None, h0: Tensor | None, softplus: bool,
+                            out: Tensor | None, last: Tensor | None, ckpt: Tensor | None,
+                            dsum: Tensor | None, S: int, seg_len: int, minb: int = 0) -> None:
+    """Launch ``ssm_fwd`` on all (channel block, batch, time segment) at once.
+
+    u, delta, z, out: (B, D, L) contiguous; A (D, N); Brows, Crows (B, G, L, 16) fp32 from
+    :func:`rows16`; h0 and last (B, S, D, N) or, with S = 1, (B, D, N), fp32; ckpt
+    (B, n_ck, N, D) fp32; dsum (B, S, D). ``out`` None: pass 1 of the segmented forward
+    (each segment's final state from zero into ``last``, its delta sum into ``dsum``).
+    ``seg_len``: a multiple of SEG. ``minb``: registers for that many blocks per SM (0: the
+    default, FWD_MIN_BLOCKS; benchmarks sweep it)."""
+    bsz, dim, length = u.shape
+    groups, dstate = Brows.shape[1], A.shape[1]
+    dg = dim // groups
+    n_blk_g = -(-dg // FWD_CHANNELS_PER_BLOCK)
+    local = out is None
+    dev, f32 = u.device, torch.float32
+    streams = [t for t in (u, delta, z, out) if t is not None]
+    assert all(t.is_contiguous() for t in streams) and seg_len % SEG == 0
+    vec = length % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in streams)
+    Af = A.to(f32).contiguous()
+    Dv = D.to(f32).contiguous() if D is not None else None
+    bias = delta_bias.to(f32).contiguous() if delta_bias is not None else None
+    flags = (D is not None and not local, z is not None and not local, bias is not None,
+             bool(softplus), h0 is not None, last is not None, ckpt is not None, local, vec)
+    expr = f"ssm_fwd<{_DTYPES[u.dtype]}, " + ", ".join("true" if f else "false"
+                                                       for f in flags) + ">"
+    kern = nvrtc.get_kernel("scan_fwd.cu", expr, dev, 0, (f"-DMINB={minb or FWD_MIN_BLOCKS}",))
+    n_ck = ckpt.shape[1] if ckpt is not None else 0
+    with torch.cuda.device(dev):
+        kern((groups * n_blk_g, bsz, S), FWD_THREADS, 0, [
+            u, delta, z if not local else None, Af, Brows, Crows if not local else None,
+            Dv if not local else None, bias, h0, out, last, ckpt, dsum,
+            length, dim, dstate, groups, dg, n_blk_g, seg_len, n_ck,
         ], dev)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 import sys
 import threading
 
 import torch
 
-__all__ = ["Kernel", "NvrtcError", "available", "get_kernel"]
+__all__ = ["Kernel", "NvrtcError", "available", "get_kernel", "read_source"]
 
 
 class NvrtcError(RuntimeError):
@@ -171,6 +172,22 @@ def _ensure_context(device: torch.device) -> None:
         _check_cu(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cuh)"\s*$', re.M)
+
+
+def read_source(source_file: str) -> str:
+    """The package source ``source_file`` with each ``#include "name.cuh"`` line replaced by
+    that package file (one level; NVRTC is given no include path, and only files next to this
+    module are ever read)."""
+    here = os.path.dirname(__file__)
+
+    def text(name: str) -> str:
+        with open(os.path.join(here, name), encoding="utf-8") as f:
+            return f.read()
+
+    return _INCLUDE.sub(lambda m: text(m.group(1)), text(source_file))
+
+
 def get_kernel(source_file: str, name_expr: str, device: torch.device, smem_max: int,
                options: tuple[str, ...] = ()) -> Kernel:
     """The kernel ``name_expr`` of the package source ``source_file`` (a path next to this
@@ -186,8 +203,7 @@ def get_kernel(source_file: str, name_expr: str, device: torch.device, smem_max:
         if k is not None:
             return k
         major, minor = torch.cuda.get_device_capability(index)
-        with open(os.path.join(os.path.dirname(__file__), source_file), encoding="utf-8") as f:
-            source = f.read()
+        source = read_source(source_file)
         cubin, lowered = compile_cubin(source, name_expr, f"sm_{major}{minor}", options)
         with torch.cuda.device(index):
             _ensure_context(torch.device("cuda", index))

@@ -50,6 +50,7 @@ from alignmamba.ssm.scan import _warn_once
 __all__ = ["FwdConfig", "ScanConfig", "pick_bwd_segments", "pick_config", "pick_fwd_config",
            "pick_segments", "selective_scan_triton"]
 
+ENV_FWD = "ALIGNMAMBA_SCAN_FWD"
 ENV_BWD = "ALIGNMAMBA_SCAN_BWD"
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -867,42 +868,74 @@ def _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, h0, out, last, ckpt, dsu
     )
 
 
-def _fwd(u, delta, A, Bf, Cf, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
-         cfg: FwdConfig, segments: int = 1):
-    """Forward launches; Bf, Cf from :func:`_rows_bc`. ``segments`` > 1: three passes (local
-    final states and delta sums per segment; the sequential combination of those S states, a
-    tiny kernel; the full forward of every segment from its true start state). Same results
-    as one pass up to fp32 rounding (the start states are composed in another order)."""
+def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
+         cfg: FwdConfig, segments: int | None = None, kernel: str = "triton", minb: int = 0):
+    """Forward launches; Bg, Cg (B, G, N, L). ``kernel``: "cuda"/"cuda-auto" (``scan_fwd.cu``,
+    KERNEL_NOTES v10; "cuda-auto" falls back to Triton with a one-time warning if NVRTC fails)
+    or "triton" (``_ssm_fwd_kernel``, v7). ``segments`` > 1: three passes (local final states
+    and delta sums per segment; the sequential combination of those S states, a tiny kernel;
+    the full forward of every segment from its true start state); None: the picker of the
+    kernel that runs. Same results as one pass up to fp32 rounding (the start states are
+    composed in another order). ``minb``: the CUDA kernel's blocks-per-SM register budget
+    (benchmarks)."""
     bsz, dim, length = u.shape
-    dstate = A.shape[1]
-    # A as (N, D): the kernel reads it once per program, any layout is fine
-    At = A.t().contiguous()
+    groups, dstate = Bg.shape[1], A.shape[1]
     f32 = torch.float32
     dev = u.device
-    out = torch.empty_like(u)
+    seg_arg = segments
+    cuda = kernel in ("cuda", "cuda-auto")
+    if cuda:
+        u, delta = u.contiguous(), delta.contiguous()
+        z = z.contiguous() if z is not None else None
+        Br, Cr = cuda_scan.rows16(Bg), cuda_scan.rows16(Cg)
+
+        def launch(h0_, out_, last_, ckpt_, dsum_, S, seg_len):
+            cuda_scan.selective_scan_fwd_cuda(u, delta, A, Br, Cr, D, z, delta_bias, h0_,
+                                              softplus, out_, last_, ckpt_, dsum_, S, seg_len,
+                                              minb)
+    else:
+        # A as (N, D): the kernel reads it once per program, any layout is fine
+        At = A.t().contiguous()
+        Bf, Cf = _rows_bc(Bg, cfg.T), _rows_bc(Cg, cfg.T)
+
+        def launch(h0_, out_, last_, ckpt_, dsum_, S, seg_len):
+            _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, h0_, out_, last_, ckpt_, dsum_,
+                        S, seg_len, softplus, cfg, out_ is not None)
     step = cfg.T * cfg.CK  # checkpoint spacing; segments start on checkpoint boundaries
+    if cuda:
+        step = cuda_scan.SEG  # the CUDA kernel's segments are whole 64-step checkpoints
+    if segments is None:
+        segments = (cuda_scan.pick_fwd_segments(bsz, dim, groups, length, dev) if cuda
+                    else pick_segments(bsz, dim, groups, length, cfg, dev))
+    out = torch.empty(u.shape, device=dev, dtype=u.dtype)
     n_ck = _cdiv(length, step) if store_ckpt else 0
     ckpt = torch.empty(bsz, n_ck, dstate, dim, device=dev, dtype=f32) if store_ckpt else None
     seg_len = _cdiv(_cdiv(length, max(1, segments)), step) * step
     segments = _cdiv(length, seg_len) if segments > 1 else 1
-    if segments == 1:
-        last = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if store_last else None
-        _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, h0, out, last, ckpt, None, 1,
-                    length, softplus, cfg, True)
-        return out, last, ckpt
-    local = torch.empty(bsz, segments, dim, dstate, device=dev, dtype=f32)
-    dsum = torch.empty(bsz, segments, dim, device=dev, dtype=f32)
-    _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, None, None, local, None, dsum, segments,
-                seg_len, softplus, cfg, False)
-    start = torch.empty_like(local)
-    final = torch.empty(bsz, dim, dstate, device=dev, dtype=f32)
-    block = 256
-    _seg_combine_kernel[(_cdiv(dim * dstate, block), bsz)](
-        local, dsum, A.contiguous(), h0 if h0 is not None else local, start, final,
-        segments, dim * dstate, dstate, HAS_H0=h0 is not None, BLOCK=block)
-    _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, start, out, None, ckpt, None, segments,
-                seg_len, softplus, cfg, True)
-    return out, (final if store_last else None), ckpt
+    try:
+        if segments == 1:
+            last = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if store_last else None
+            launch(h0, out, last, ckpt, None, 1, _cdiv(length, step) * step)
+            return out, last, ckpt
+        local = torch.empty(bsz, segments, dim, dstate, device=dev, dtype=f32)
+        dsum = torch.empty(bsz, segments, dim, device=dev, dtype=f32)
+        launch(None, None, local, None, dsum, segments, seg_len)
+        start = torch.empty_like(local)
+        final = torch.empty(bsz, dim, dstate, device=dev, dtype=f32)
+        block = 256
+        _seg_combine_kernel[(_cdiv(dim * dstate, block), bsz)](
+            local, dsum, A.contiguous(), h0 if h0 is not None else local, start, final,
+            segments, dim * dstate, dstate, HAS_H0=h0 is not None, BLOCK=block)
+        launch(start, out, None, ckpt, None, segments, seg_len)
+        return out, (final if store_last else None), ckpt
+    except nvrtc.NvrtcError as exc:
+        if kernel == "cuda":
+            raise AlignMambaError(f"selective_scan_triton: CUDA forward failed: {exc}") from None
+        _warn_once("fwd_nvrtc", f"alignmamba: CUDA scan forward failed ({exc}); using the "
+                   "slower Triton forward")
+        _CUDA_BROKEN["fwd"].add(dev)
+        return _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
+                    cfg, seg_arg, "triton")
 
 
 def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int,
@@ -941,33 +974,38 @@ def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int
     return seeds, S, ck_per
 
 
-# devices where the CUDA backward failed to compile or launch in auto mode (warned once)
-_CUDA_BWD_BROKEN: set[torch.device] = set()
+# devices where a CUDA kernel failed to compile or launch in auto mode (warned once), per pass
+_CUDA_BROKEN: dict[str, set[torch.device]] = {"fwd": set(), "bwd": set()}
+_PASS_NAMES = {"fwd": "forward", "bwd": "backward"}
 
 
-def _pick_bwd_kernel(kernel: str | None, u: Tensor, delta: Tensor, z: Tensor | None,
-                     dstate: int, step: int) -> str:
-    """"cuda" (``scan_bwd.cu`` through NVRTC; "cuda-auto" when it was not forced, so that a
-    compile or launch failure falls back instead of raising) or "triton" for the backward's
-    main kernel. ``kernel``: "cuda", "triton", or None/"auto" (the environment variable
-    ALIGNMAMBA_SCAN_BWD replaces auto): CUDA where it can run, else Triton with a one-time
-    warning on CUDA tensors."""
+def _pick_kernel(which: str, kernel: str | None, u: Tensor, delta: Tensor, z: Tensor | None,
+                 dstate: int, step: int | None) -> str:
+    """"cuda" (``scan_fwd.cu`` / ``scan_bwd.cu`` through NVRTC; "cuda-auto" when it was not
+    forced, so that a compile or launch failure falls back instead of raising) or "triton" for
+    pass ``which`` ("fwd" or "bwd"). ``kernel``: "cuda", "triton", or None/"auto" (the
+    environment variable ALIGNMAMBA_SCAN_FWD / ALIGNMAMBA_SCAN_BWD replaces auto): CUDA where
+    it can run, else Triton with a one-time warning on CUDA tensors. ``step``: checkpoint
+    spacing (None: the forward stores no checkpoints)."""
+    env, arg = (ENV_FWD, "fwd_kernel") if which == "fwd" else (ENV_BWD, "bwd_kernel")
     name = kernel or "auto"
     if name == "auto":
-        name = os.environ.get(ENV_BWD, "").strip() or "auto"
+        name = os.environ.get(env, "").strip() or "auto"
     if name not in ("auto", "cuda", "triton"):
-        raise AlignMambaError(f"selective_scan_triton: bwd_kernel={name!r} (or {ENV_BWD}) is not "
+        raise AlignMambaError(f"selective_scan_triton: {arg}={name!r} (or {env}) is not "
                               "one of auto, cuda, triton")
-    if name == "triton" or (name == "auto" and u.device in _CUDA_BWD_BROKEN):
+    if name == "triton" or (name == "auto" and u.device in _CUDA_BROKEN[which]):
         return "triton"  # forced, or the CUDA kernel failed here before (warned then)
-    ok, why = cuda_scan.bwd_supported(u, delta, z, dstate, step)
+    check = cuda_scan.fwd_supported if which == "fwd" else cuda_scan.bwd_supported
+    ok, why = check(u, delta, z, dstate, step)
     if ok:
         return "cuda" if name == "cuda" else "cuda-auto"
     if name == "cuda":
-        raise AlignMambaError(f"selective_scan_triton: bwd_kernel='cuda' cannot run: {why}")
+        raise AlignMambaError(f"selective_scan_triton: {arg}='cuda' cannot run: {why}")
     if u.is_cuda:
-        _warn_once("bwd_" + why, f"alignmamba: CUDA scan backward unavailable ({why}); "
-                   "using the slower Triton backward")
+        pname = _PASS_NAMES[which]
+        _warn_once(f"{which}_{why}", f"alignmamba: CUDA scan {pname} unavailable ({why}); "
+                   f"using the slower Triton {pname}")
     return "triton"
 
 
@@ -1013,7 +1051,7 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
                     from None
             _warn_once("bwd_nvrtc", f"alignmamba: CUDA scan backward failed ({exc}); using the "
                        "slower Triton backward")
-            _CUDA_BWD_BROKEN.add(u.device)
+            _CUDA_BROKEN["bwd"].add(u.device)
             return _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
                         cfg, seg_arg, "triton")
     else:
@@ -1067,15 +1105,17 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
                 return_last_state, need_grad, cfg_f, cfg_b, segments,
-                bwd_segments, bwd_kernel):  # type: ignore[override]
+                bwd_segments, fwd_kernel, bwd_kernel):  # type: ignore[override]
         Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
         u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
         h0 = initial_state.contiguous() if initial_state is not None else None
         # the backward walks the forward's checkpoints: same spacing in steps
-        assert cfg_f.T * cfg_f.CK == cfg_b.BL * cfg_b.CK, (cfg_f, cfg_b)
-        out, last, ckpt = _fwd(u, delta, A, _rows_bc(Bg, cfg_f.T), _rows_bc(Cg, cfg_f.T), D, z,
-                               delta_bias, h0, softplus, return_last_state, need_grad, cfg_f,
-                               segments)
+        step = cfg_f.T * cfg_f.CK
+        assert step == cfg_b.BL * cfg_b.CK, (cfg_f, cfg_b)
+        kernel = _pick_kernel("fwd", fwd_kernel, u, delta, z, A.shape[1],
+                              step if need_grad else None)
+        out, last, ckpt = _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus,
+                               return_last_state, need_grad, cfg_f, segments, kernel)
         if need_grad:
             ctx.save_for_backward(u, delta, A, _prep_bc(Bg), _prep_bc(Cg), D, z, delta_bias, h0,
                                   ckpt)
@@ -1100,7 +1140,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         if dlast is not None:
             dlast = dlast.contiguous()
         cfg_b = ctx.cfg_b
-        kernel = _pick_bwd_kernel(ctx.bwd_kernel, u, delta, z, A.shape[1], cfg_b.BL * cfg_b.CK)
+        kernel = _pick_kernel("bwd", ctx.bwd_kernel, u, delta, z, A.shape[1], cfg_b.BL * cfg_b.CK)
         du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0 = _bwd(
             dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, ctx.softplus,
             cfg_b, ctx.bwd_segments, kernel)
@@ -1116,7 +1156,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
         return (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None, None, None,
-                None, None)
+                None, None, None)
 
 
 def selective_scan_triton(
@@ -1136,6 +1176,7 @@ def selective_scan_triton(
     chunks_per_ckpt: int | None = None,
     segments: int | None = None,
     bwd_segments: int | None = None,
+    fwd_kernel: str | None = None,
     bwd_kernel: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused selective scan (SPEC section 1, mamba-ssm ``selective_scan_ref`` semantics).
@@ -1146,16 +1187,18 @@ def selective_scan_triton(
     or on CPU under ``TRITON_INTERPRET=1`` (slow; tests only). ``block_l`` (power of 2) and
     ``chunks_per_ckpt`` override the time tile of both passes and the checkpoint spacing
     (``block_l * chunks_per_ckpt`` steps). ``segments``: time segments the forward scans in
-    parallel (None: :func:`pick_segments`, more than one only when batch x channels leave the
-    GPU's SMs idle). ``bwd_segments``: the same for the backward (None: the picker of the
-    backward kernel that runs, :func:`pick_bwd_segments` or ``cuda_scan.pick_segments``).
-    ``bwd_kernel``: "cuda" (CUDA C++ through NVRTC, ``cuda_scan``), "triton", or None/"auto"
-    (environment variable ALIGNMAMBA_SCAN_BWD; auto = CUDA where it can run, KERNEL_NOTES v9).
+    parallel (None: the picker of the forward kernel that runs, :func:`pick_segments` or
+    ``cuda_scan.pick_fwd_segments``; more than one only when batch x channels leave the GPU's
+    SMs idle). ``bwd_segments``: the same for the backward (:func:`pick_bwd_segments` or
+    ``cuda_scan.pick_segments``). ``fwd_kernel``, ``bwd_kernel``: "cuda" (CUDA C++ through
+    NVRTC, ``cuda_scan``), "triton", or None/"auto" (environment variables ALIGNMAMBA_SCAN_FWD,
+    ALIGNMAMBA_SCAN_BWD; auto = CUDA where it can run, KERNEL_NOTES v9 and v10).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if bwd_kernel not in (None, "auto", "cuda", "triton"):
-        raise AlignMambaError(f"selective_scan_triton: bwd_kernel={bwd_kernel!r} is not one of "
-                              "auto, cuda, triton")
+    for arg, val in (("fwd_kernel", fwd_kernel), ("bwd_kernel", bwd_kernel)):
+        if val not in (None, "auto", "cuda", "triton"):
+            raise AlignMambaError(f"selective_scan_triton: {arg}={val!r} is not one of "
+                                  "auto, cuda, triton")
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -1167,10 +1210,10 @@ def selective_scan_triton(
     # the backward's tile: its own default length unless told, the forward's spacing
     bl_b = block_l if block_l is not None else min(4, step)
     cfg_b = pick_config(dstate, dg, True, bl_b, step // bl_b)
-    if segments is None:
-        segments = pick_segments(u.shape[0], u.shape[1], groups, u.shape[2], cfg_f, u.device)
+    if segments is not None:
+        segments = max(1, int(segments))
     if bwd_segments is not None:
         bwd_segments = max(1, int(bwd_segments))
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                   bool(delta_softplus), bool(return_last_state), need_grad,
-                                  cfg_f, cfg_b, max(1, int(segments)), bwd_segments, bwd_kernel)
+                                  cfg_f, cfg_b, segments, bwd_segments, fwd_kernel, bwd_kernel)

@@ -1,0 +1,249 @@
+// Forward of the selective scan, CUDA C++ compiled at run time by NVRTC (no build step;
+// alignmamba/ssm/nvrtc.py). Design and measurements: docs/KERNEL_NOTES.md, v10.
+//
+// Same mathematics as the Triton forward (_ssm_fwd_kernel in triton_scan.py):
+//   delta_t = softplus(dt_t + bias);  h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
+//   y_t = C_t . h_t + D u_t;          out_t = y_t * z_t * sigmoid(z_t)
+//
+// Why this layout: the forward is bound by the exp unit (one exp2 per state update), and the
+// exp2 of a step do not depend on the state, so a warp has plenty of independent work; what it
+// needs is (a) every SM sub-partition busy, which the issue shape (8 x 1536 channels) only
+// gives with several threads per channel, and (b) the per-step scalar work (softplus, gate,
+// loads, stores) done once per channel, not once per thread.
+//
+// A warp holds 8 channels x 4 state groups: lane = q * 8 + c, states 4q .. 4q+3 of channel c
+// (NP = 16 states, N <= 16 zero-padded). Time runs in chunks of 32 steps; lane q of a channel
+// owns steps 8q .. 8q+7 of a chunk for the per-step scalar work:
+//   1. it loads u, dt, z of its 8 steps (16-byte loads, one chunk ahead), computes delta and
+//      delta * u, and writes them to shared memory (sX);
+//   2. all 4 lanes of the channel run the 32 steps for their 4 states: B and C rows of the
+//      chunk are staged once per block in shared memory (sBC, double-buffered); each lane
+//      writes its partial C . h of every step to shared memory (sY);
+//   3. the partials go through shared memory (sY) and lane q sums its 8 steps over the 4
+//      lanes, adds D u, applies the gate, and stores 16 bytes of output.
+// Shared-memory layouts are chosen so that every 16-byte access of a quarter-warp (8 lanes of
+// one q) hits 8 distinct bank groups.
+//
+// LOCAL = pass 1 of the segment-parallel forward: no C, z or output; the segment's final state
+// from its start (zero) and sum_t delta_t per channel. Checkpoints: the state before every
+// 64-th step, (B, n_ck, N, D) fp32, for the backward.
+
+#include "scan_common.cuh"
+
+#define NP 16
+#define QG 4                 // state groups (lanes) per channel
+#define QS 4                 // states per lane
+#define CW 8                 // channels per warp
+#define FW 4                 // warps per block
+#define FCH (CW * FW)        // channels per block
+#define CHUNK (QG * TS)      // steps per chunk
+#define CKS 64               // checkpoint spacing in steps (two chunks)
+#define YROW 9               // float4 per (q, c) row of sY: 8 + 1 of padding
+#ifndef MINB
+#define MINB 3               // resident blocks per SM the register budget must allow
+#endif
+
+template <int DT, bool HAS_D, bool HAS_Z, bool HAS_BIAS, bool SOFTPLUS, bool HAS_H0,
+          bool STORE_LAST, bool STORE_CKPT, bool LOCAL, bool VEC>
+__global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
+    const typename Elem<DT>::T* __restrict__ u, const typename Elem<DT>::T* __restrict__ dt,
+    const typename Elem<DT>::T* __restrict__ z,
+    const float* __restrict__ A,       // (D, N)
+    const float* __restrict__ Brows,   // (B, G, L, NP) fp32: one row of states per step
+    const float* __restrict__ Crows,   // (B, G, L, NP) fp32
+    const float* __restrict__ Dv,      // (D,)
+    const float* __restrict__ bias,    // (D,)
+    const float* __restrict__ h0,      // (B, S, D, N): start state of each time segment
+    typename Elem<DT>::T* __restrict__ out,
+    float* __restrict__ last,          // (B, S, D, N): final state of each time segment
+    float* __restrict__ ckpt,          // (B, n_ck, N, D)
+    float* __restrict__ dsum,          // (B, S, D): sum of delta over each segment (LOCAL)
+    int L, int D, int N, int G, int Dg, int n_blk_g, int seg_len, int n_ck) {
+    __shared__ float4 sBC[2][2][CHUNK * NP / 4];  // [buf][B, C][step * 4 + q]
+    __shared__ float4 sX[FW][CHUNK / 2][CW];      // (delta, delta u) of two steps per channel
+    __shared__ float4 sY[FW][QG * CW * YROW];     // partial y: [q][c][32 steps + padding]
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int q = lane >> 3, c = lane & 7;
+    const int blk = blockIdx.x, b = blockIdx.y, seg = blockIdx.z, S = gridDim.z;
+    const int g = blk / n_blk_g;
+    const int c_in_g = (blk % n_blk_g) * FCH + warp * CW + c;
+    const bool valid = c_in_g < Dg;
+    const int d = g * Dg + (valid ? c_in_g : 0);  // invalid lanes compute channel 0, never write
+    const long row = ((long)b * D + d) * L;
+    const long bs = (long)b * S + seg;
+    const int l_beg = seg * seg_len;
+    const int l_end = min(L, l_beg + seg_len);
+
+    float A2[QS], h[QS];
+#pragma unroll
+    for (int j = 0; j < QS; ++j) {
+        const int n = q * QS + j;
+        A2[j] = n < N ? A[(long)d * N + n] * LOG2E : 0.f;
+        h[j] = (HAS_H0 && n < N) ? h0[(bs * D + d) * N + n] : 0.f;
+    }
+    const float bias_v = HAS_BIAS ? bias[d] : 0.f;
+    const float D_v = HAS_D ? Dv[d] : 0.f;
+    float dsum_acc = 0.f;
+
+    const long bc_base = ((long)b * G + g) * L * NP;
+    // this thread's float4 of a chunk's B and C rows (128 threads x 16 bytes = 32 rows of 16)
+    auto load_bc = [&](int t0, float4& nb, float4& nc) {
+        const int t = t0 + (tid >> 2);
+        const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+        nb = t < l_end ? reinterpret_cast<const float4*>(Brows + bc_base + (long)t * NP)[tid & 3]
+                       : zero;
+        if (!LOCAL)
+            nc = t < l_end ? reinterpret_cast<const float4*>(Crows + bc_base + (long)t * NP)[tid & 3]
+                           : zero;
+    };
+    const int my = q * TS;  // this lane's first step in a chunk
+    float4 nb, nc;
+    Raw<DT> ru, rd, rz;
+    load_bc(l_beg, nb, nc);
+    bool next_full = VEC && l_beg + CHUNK <= l_end;
+    if (next_full) {
+        ru = raw_load<DT>(u + row + l_beg + my);
+        rd = raw_load<DT>(dt + row + l_beg + my);
+        if (!LOCAL && HAS_Z) rz = raw_load<DT>(z + row + l_beg + my);
+    }
+    int buf = 0;
+
+    for (int t0 = l_beg; t0 < l_end; t0 += CHUNK) {
+        // stage this chunk's B, C rows; load the next chunk's rows and streams
+        __syncwarp();  // every lane of the warp is done reading the last chunk's sX
+        sBC[buf][0][tid] = nb;
+        if (!LOCAL) sBC[buf][1][tid] = nc;
+        const int nv = max(0, min(TS, l_end - t0 - my));  // valid steps of this lane's 8
+        float uu[TS], rr[TS], zz[TS];
+        if (next_full) {
+            raw_unpack<DT>(ru, uu);
+            raw_unpack<DT>(rd, rr);
+            if (!LOCAL && HAS_Z) raw_unpack<DT>(rz, zz);
+        } else {
+            load_ts<DT>(u + row + t0 + my, nv, uu);
+            load_ts<DT>(dt + row + t0 + my, nv, rr);
+            if (!LOCAL && HAS_Z) load_ts<DT>(z + row + t0 + my, nv, zz);
+        }
+        const int t1 = t0 + CHUNK;
+        if (t1 < l_end) load_bc(t1, nb, nc);
+        next_full = VEC && t1 + CHUNK <= l_end;
+        if (next_full) {
+            ru = raw_load<DT>(u + row + t1 + my);
+            rd = raw_load<DT>(dt + row + t1 + my);
+            if (!LOCAL && HAS_Z) rz = raw_load<DT>(z + row + t1 + my);
+        }
+        if (t1 + CHUNK < l_end) {  // the chunk after next into L2
+            prefetch_l2(u + row + t1 + CHUNK + my);
+            prefetch_l2(dt + row + t1 + CHUNK + my);
+            if (!LOCAL && HAS_Z) prefetch_l2(z + row + t1 + CHUNK + my);
+        }
+
+        // 1. delta and delta * u of this lane's 8 steps (0 past the end: the state stays)
+        float dl[TS];
+#pragma unroll
+        for (int i = 0; i < TS; ++i) {
+            // masked by a multiply: a select lets nvcc branch around softplus on every step
+            const float r = rr[i] + bias_v;
+            const float delta = (SOFTPLUS ? softplus(r) : r) * (i < nv ? 1.f : 0.f);
+            dl[i] = delta;
+            if (LOCAL) dsum_acc += delta;
+        }
+#pragma unroll
+        for (int i = 0; i < TS; i += 2)
+            sX[warp][(my + i) >> 1][c] = make_float4(dl[i], dl[i] * uu[i], dl[i + 1], dl[i + 1] * uu[i + 1]);
+        if (STORE_CKPT && (t0 % CKS) == 0 && valid) {
+#pragma unroll
+            for (int j = 0; j < QS; ++j) {
+                const int n = q * QS + j;
+                if (n < N) ckpt[(((long)b * n_ck + t0 / CKS) * N + n) * D + d] = h[j];
+            }
+        }
+        __syncthreads();  // sBC[buf] and sX complete
+
+        // 2. the chunk's 32 steps for this lane's 4 states, in groups of 4 steps, software-
+        // pipelined: group g+1's shared-memory loads and 16 exp2 (which do not depend on the
+        // state) are issued before group g's state updates, so that their latencies overlap
+        // the update chain
+        const float4* sb = sBC[buf][0];
+        const float4* sc = sBC[buf][1];
+        float4* yrow = &sY[warp][(q * CW + c) * YROW];
+        float x4[4], dA[4][QS];
+        float4 bq[4], cq[4];
+        auto load_group = [&](int tg, float (&x4_)[4], float (&dA_)[4][QS], float4 (&bq_)[4],
+                              float4 (&cq_)[4]) {
+            const float4 p0 = sX[warp][2 * tg][c], p1 = sX[warp][2 * tg + 1][c];
+            const float dl4[4] = {p0.x, p0.z, p1.x, p1.z};
+            x4_[0] = p0.y; x4_[1] = p0.w; x4_[2] = p1.y; x4_[3] = p1.w;
+#pragma unroll
+            for (int s4 = 0; s4 < 4; ++s4) {
+                bq_[s4] = sb[(4 * tg + s4) * QG + q];
+                if (!LOCAL) cq_[s4] = sc[(4 * tg + s4) * QG + q];
+#pragma unroll
+                for (int j = 0; j < QS; ++j) dA_[s4][j] = ex2(dl4[s4] * A2[j]);
+            }
+        };
+        load_group(0, x4, dA, bq, cq);
+#pragma unroll
+        for (int tg = 0; tg < CHUNK / 4; ++tg) {
+            float nx4[4], ndA[4][QS];
+            float4 nbq[4], ncq[4];
+            if (tg + 1 < CHUNK / 4) load_group(tg + 1, nx4, ndA, nbq, ncq);
+            float yp[4];
+#pragma unroll
+            for (int s4 = 0; s4 < 4; ++s4) {
+                const float bj[QS] = {bq[s4].x, bq[s4].y, bq[s4].z, bq[s4].w};
+#pragma unroll
+                for (int j = 0; j < QS; ++j) h[j] = fmaf(dA[s4][j], h[j], x4[s4] * bj[j]);
+                if (!LOCAL)
+                    yp[s4] = fmaf(cq[s4].x, h[0], fmaf(cq[s4].y, h[1],
+                                  fmaf(cq[s4].z, h[2], cq[s4].w * h[3])));
+            }
+            if (!LOCAL) yrow[tg] = make_float4(yp[0], yp[1], yp[2], yp[3]);
+            if (tg + 1 < CHUNK / 4) {
+#pragma unroll
+                for (int s4 = 0; s4 < 4; ++s4) {
+                    x4[s4] = nx4[s4];
+                    bq[s4] = nbq[s4];
+                    cq[s4] = ncq[s4];
+#pragma unroll
+                    for (int j = 0; j < QS; ++j) dA[s4][j] = ndA[s4][j];
+                }
+            }
+        }
+
+        // 3. y of this lane's 8 steps summed over the channel's 4 lanes, then D and the gate
+        if (!LOCAL) {
+            __syncwarp();
+            float y[TS];
+#pragma unroll
+            for (int i = 0; i < TS; ++i) y[i] = HAS_D ? D_v * uu[i] : 0.f;
+#pragma unroll
+            for (int qq = 0; qq < QG; ++qq) {
+                const float4* src = &sY[warp][(qq * CW + c) * YROW + (my >> 2)];
+                const float4 a = src[0], e = src[1];
+                y[0] += a.x; y[1] += a.y; y[2] += a.z; y[3] += a.w;
+                y[4] += e.x; y[5] += e.y; y[6] += e.z; y[7] += e.w;
+            }
+            if (HAS_Z) {
+#pragma unroll
+                for (int i = 0; i < TS; ++i) y[i] *= zz[i] * sigmoid(zz[i]);
+            }
+            if (valid && nv > 0) store_ts<DT, VEC>(out + row + t0 + my, nv, y);
+        }
+        buf ^= 1;  // the other buffer's readers passed this chunk's barrier
+    }
+
+    if (valid) {
+#pragma unroll
+        for (int j = 0; j < QS; ++j) {
+            const int n = q * QS + j;
+            if (STORE_LAST && n < N) last[(bs * D + d) * N + n] = h[j];
+        }
+    }
+    if (LOCAL) {
+        dsum_acc += __shfl_xor_sync(FULL, dsum_acc, 8);
+        dsum_acc += __shfl_xor_sync(FULL, dsum_acc, 16);
+        if (valid && q == 0) dsum[bs * D + d] = dsum_acc;
+    }
+}
