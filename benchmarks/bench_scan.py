@@ -180,11 +180,11 @@ def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128
     return rows
 
 
-def fwd_kernels(x, segs: list[int], minbs: list[int], reps: int) -> list[dict]:
+def fwd_kernels(x, segs: list[int], opts: list[str], reps: int) -> list[dict]:
     """The forward alone, called directly (``triton_scan._fwd``): Triton (v7) at its picker's
     segments, then CUDA (NVRTC, KERNEL_NOTES v10) at each segment count in ``segs`` (0 = its
-    picker) and register budget in ``minbs`` (blocks per SM; 0 = default); inference and
-    with checkpoints."""
+    picker) and compile-time setting in ``opts`` ("MINB=4"; "" = defaults); inference
+    and with checkpoints."""
     import alignmamba.ssm.triton_scan as ts
 
     u, delta, A, B, C, D, z, bias = (x[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
@@ -192,15 +192,17 @@ def fwd_kernels(x, segs: list[int], minbs: list[int], reps: int) -> list[dict]:
     Bg, Cg, _ = ts._check(u, delta, A, B, C, D, z, bias, None)
     cf = ts.pick_fwd_config(u.shape[1])
     rows = []
-    runs = [("triton", None, 0)] + [("cuda", s or None, m) for m in minbs for s in segs]
-    for kernel, seg, minb in runs:
-        def fwd(ck, k=kernel, seg=seg, m=minb):
-            return ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False, ck, cf, seg, k, m)
+    runs = [("triton", None, "")] + [("cuda", s or None, o) for o in opts for s in segs]
+    for kernel, seg, opt in runs:
+        o = tuple(x for x in opt.split(",") if x)
+
+        def fwd(ck, k=kernel, seg=seg, o=o):
+            return ts._fwd(u, delta, A, Bg, Cg, D, z, bias, None, True, False, ck, cf, seg, k, o)
 
         ms, ms_ck = median_ms(lambda: fwd(False), reps), median_ms(lambda: fwd(True), reps)
-        rows.append({"kernel": kernel, "segments": seg, "minb": minb, "ms": ms,
+        rows.append({"kernel": kernel, "segments": seg, "options": opt, "ms": ms,
                      "ms_with_ckpt": ms_ck})
-        print(f"  fwd kernel {kernel} minb {minb or '-'} segments {seg or 'auto'}: {ms:.3f} ms "
+        print(f"  fwd kernel {kernel} options {opt or '-'} segments {seg or 'auto'}: {ms:.3f} ms "
               f"(with checkpoints {ms_ck:.3f} ms)", flush=True)
     return rows
 
@@ -234,8 +236,9 @@ def main() -> None:
     ap.add_argument("--fwd-segs", type=int, nargs="*", default=None, metavar="S",
                     help="time the CUDA forward at these segment counts (0 = auto) beside "
                          "the Triton one")
-    ap.add_argument("--fwd-minb", type=int, nargs="*", default=[0], metavar="M",
-                    help="register budgets (blocks per SM) of the CUDA forward for --fwd-segs")
+    ap.add_argument("--fwd-opts", nargs="*", default=[""], metavar="OPTS",
+                    help="compile-time settings of the CUDA forward for --fwd-segs, e.g. "
+                         "MINB=4 ('' = defaults)")
     ap.add_argument("--other", default=None, metavar="FILE",
                     help="also time this version of triton_scan.py (e.g. the previous commit's)")
     args = ap.parse_args()
@@ -264,7 +267,7 @@ def main() -> None:
     result["triton_bwd_kernel"] = time_path(
         functools.partial(selective_scan_triton, bwd_kernel="triton"), x, dout, args.reps)
     if args.fwd_segs is not None:
-        result["fwd_kernels"] = fwd_kernels(x, args.fwd_segs, args.fwd_minb, args.reps)
+        result["fwd_kernels"] = fwd_kernels(x, args.fwd_segs, args.fwd_opts, args.reps)
     if args.bwd_segs is not None:
         result["bwd_kernels"] = bwd_kernels(x, dout, args.bwd_segs, args.reps,
                                             tuple(args.bwd_ch))

@@ -14,7 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     timeout 520 python -m pytest -p no:cacheprovider -p no:warnings tests/test_triton_scan.py tests/test_ssm.py tests/test_graphs.py tests/test_nvrtc.py 2>&1 | tail -n 8
   else
     echo "== issue-6 shape"; date
-    timeout 200 python benchmarks/bench_scan.py --reps 10 --fwd-segs 0 --fwd-minb 0 4 2 --json "$OUT/scan_v10.json"
+    timeout 200 python benchmarks/bench_scan.py --reps 10 --fwd-segs 0 --fwd-opts "" MINB=4 MINB=2 --json "$OUT/scan_v10.json"
     echo "== batch 1, D 512, L 65536"; date
     timeout 60 python benchmarks/bench_scan.py --batch 1 --dim 512 --length 65536 --reps 10 --no-torch --fwd-segs 0 16 64 --json "$OUT/scan_v10_b1.json"
     echo "== AlignMamba at 64k tokens, batch 1"; date

@@ -718,3 +718,17 @@ def test_cuda_default_config_large(dtype, fwd_kernel, bwd_kernel):
             assert e_ours < tol, (k, e_ours)
         else:
             assert e_ours <= 2 * e_torch + 1e-6, (k, e_ours, e_torch)
+
+
+def test_cuda_fwd_options_are_checked():
+    """Compile-time settings of scan_fwd.cu (benchmarks sweep them) must name a known macro and
+    an integer; anything else fails before NVRTC sees it."""
+    u = torch.randn(1, 32, 64)
+    A = -torch.rand(32, 16)
+    rows = ts.cuda_scan.rows16(torch.randn(1, 1, 16, 64))
+    assert rows.shape == (1, 1, 64, 16)
+    for bad in ("EMU=1", "MINB=x", "MINB"):
+        with pytest.raises(ValueError, match="scan_fwd.cu option"):
+            ts.cuda_scan.selective_scan_fwd_cuda(u, u, A, rows, rows, None, None, None, None,
+                                                 True, torch.empty_like(u), None, None, None,
+                                                 1, 64, (bad,))

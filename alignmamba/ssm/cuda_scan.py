@@ -184,15 +184,16 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
                             Crows: Tensor | None, D: Tensor | None, z: Tensor | None,
                             delta_bias: Tensor | None, h0: Tensor | None, softplus: bool,
                             out: Tensor | None, last: Tensor | None, ckpt: Tensor | None,
-                            dsum: Tensor | None, S: int, seg_len: int, minb: int = 0) -> None:
+                            dsum: Tensor | None, S: int, seg_len: int,
+                            options: tuple[str, ...] = ()) -> None:
     """Launch ``ssm_fwd`` on all (channel block, batch, time segment) at once.
 
     u, delta, z, out: (B, D, L) contiguous; A (D, N); Brows, Crows (B, G, L, 16) fp32 from
     :func:`rows16`; h0 and last (B, S, D, N) or, with S = 1, (B, D, N), fp32; ckpt
     (B, n_ck, N, D) fp32; dsum (B, S, D). ``out`` None: pass 1 of the segmented forward
     (each segment's final state from zero into ``last``, its delta sum into ``dsum``).
-    ``seg_len``: a multiple of SEG. ``minb``: registers for that many blocks per SM (0: the
-    default, FWD_MIN_BLOCKS; benchmarks sweep it)."""
+    ``seg_len``: a multiple of SEG. ``options``: "NAME=value" compile-time settings of
+    ``scan_fwd.cu`` replacing the defaults (MINB=FWD_MIN_BLOCKS; benchmarks sweep them)."""
     bsz, dim, length = u.shape
     groups, dstate = Brows.shape[1], A.shape[1]
     dg = dim // groups
@@ -209,7 +210,14 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
              bool(softplus), h0 is not None, last is not None, ckpt is not None, local, vec)
     expr = f"ssm_fwd<{_DTYPES[u.dtype]}, " + ", ".join("true" if f else "false"
                                                        for f in flags) + ">"
-    kern = nvrtc.get_kernel("scan_fwd.cu", expr, dev, 0, (f"-DMINB={minb or FWD_MIN_BLOCKS}",))
+    defs = {"MINB": str(FWD_MIN_BLOCKS)}
+    for opt in options:
+        name, _, value = opt.partition("=")
+        if name not in defs or not value.isdigit():
+            raise ValueError(f"scan_fwd.cu option {opt!r}: one of {sorted(defs)}=<int> expected")
+        defs[name] = value
+    kern = nvrtc.get_kernel("scan_fwd.cu", expr, dev, 0,
+                            tuple(f"-D{k}={v}" for k, v in sorted(defs.items())))
     n_ck = ckpt.shape[1] if ckpt is not None else 0
     with torch.cuda.device(dev):
         kern((groups * n_blk_g, bsz, S), FWD_THREADS, 0, [

@@ -172,7 +172,7 @@ def _ensure_context(device: torch.device) -> None:
         _check_cu(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
-_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cuh)"\s*$', re.M)
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cuh)"\s*$', re.MULTILINE)
 
 
 def read_source(source_file: str) -> str:

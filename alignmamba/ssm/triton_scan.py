@@ -869,15 +869,16 @@ def _launch_fwd(u, delta, At, Bf, Cf, D, z, delta_bias, h0, out, last, ckpt, dsu
 
 
 def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
-         cfg: FwdConfig, segments: int | None = None, kernel: str = "triton", minb: int = 0):
+         cfg: FwdConfig, segments: int | None = None, kernel: str = "triton",
+         options: tuple[str, ...] = ()):
     """Forward launches; Bg, Cg (B, G, N, L). ``kernel``: "cuda"/"cuda-auto" (``scan_fwd.cu``,
     KERNEL_NOTES v10; "cuda-auto" falls back to Triton with a one-time warning if NVRTC fails)
     or "triton" (``_ssm_fwd_kernel``, v7). ``segments`` > 1: three passes (local final states
     and delta sums per segment; the sequential combination of those S states, a tiny kernel;
     the full forward of every segment from its true start state); None: the picker of the
     kernel that runs. Same results as one pass up to fp32 rounding (the start states are
-    composed in another order). ``minb``: the CUDA kernel's blocks-per-SM register budget
-    (benchmarks)."""
+    composed in another order). ``options``: compile-time settings of the CUDA kernel
+    (``cuda_scan.selective_scan_fwd_cuda``; benchmarks)."""
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     f32 = torch.float32
@@ -892,7 +893,7 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
         def launch(h0_, out_, last_, ckpt_, dsum_, S, seg_len):
             cuda_scan.selective_scan_fwd_cuda(u, delta, A, Br, Cr, D, z, delta_bias, h0_,
                                               softplus, out_, last_, ckpt_, dsum_, S, seg_len,
-                                              minb)
+                                              options)
     else:
         # A as (N, D): the kernel reads it once per program, any layout is fine
         At = A.t().contiguous()
