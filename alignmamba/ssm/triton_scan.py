@@ -14,7 +14,10 @@ State and all accumulation are fp32; ``out`` has ``u.dtype``.
 
 Kernel design (numbers and history in docs/KERNEL_NOTES.md):
 
-* forward (v7): one thread per channel, holding all N states of that channel and a chunk of
+* forward: on CUDA where NVRTC works, the CUDA C++ kernel of ``scan_fwd.cu`` (KERNEL_NOTES v10,
+  launched by ``cuda_scan``; 4 lanes per channel, B/C rows in shared memory) replaces the
+  Triton kernel below; the segment machinery (pass 1, combine, pass 2) serves both.
+* forward, Triton (v7): one thread per channel, holding all N states of that channel and a chunk of
   T = 8 time steps in registers; a program is 32 * num_warps channels of one group. Per step
   and state: one exp2 and three FMA-class operations; the C contraction, softplus, D skip and
   z gate need no other lane. u, delta, z are read once (the next chunk's one iteration ahead),
