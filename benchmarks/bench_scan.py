@@ -159,7 +159,8 @@ def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
 def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128,)) -> list[dict]:
     """The backward's main kernel, CUDA (NVRTC, KERNEL_NOTES v9) at each time-segment count
     in ``segs`` (0 = its own picker) and Triton at its default, from one forward's
-    checkpoints, seeds pass included."""
+    checkpoints, seeds pass included (each kernel's own); then the seeds pass alone, Triton and
+    CUDA (v10), at those segment counts."""
     import alignmamba.ssm.triton_scan as ts
 
     sb = bwd_setup(x)
@@ -177,6 +178,17 @@ def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128
         rows.append({"kernel": kernel, "segments": seg, "channels_per_block": ch, "ms": ms})
         print(f"  bwd kernel {kernel} channels/block {ch or '-'} segments {seg or 'auto'}: "
               f"{ms:.3f} ms", flush=True)
+    # the seeds pass alone (adjoint past each time segment's end; part of the times above)
+    bsz, dim, length = x["u"].shape
+    auto = cs.pick_segments(bsz, dim, 1, length, x["u"].device)
+    At = x["A"].t().contiguous()
+    for S in sorted({s or auto for s in segs} - {1}):
+        for kernel in ("triton", "cuda"):
+            ms = median_ms(lambda S=S, k=kernel: ts._bwd_seeds(
+                dout, None, sb["delta"], sb["A"], At, sb["Cb"], sb["z"], sb["delta_bias"], True,
+                cs.SEG, S, k), reps)
+            rows.append({"kernel": f"seeds-{kernel}", "segments": S, "ms": ms})
+            print(f"  bwd seeds pass alone ({kernel}), segments {S}: {ms:.3f} ms", flush=True)
     return rows
 
 

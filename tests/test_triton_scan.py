@@ -682,6 +682,29 @@ def test_cuda_forward_matches_float64(case, grad, monkeypatch):
         assert rel_err(st, rlast) < 1e-5
 
 
+@pytest.mark.skipif(not CUDA, reason="the CUDA seeds kernel (NVRTC) needs a CUDA device")
+@pytest.mark.parametrize("dtype,length,has_z,groups", [
+    (torch.float32, 1000, True, 0),    # a partial last chunk, scalar loads
+    (torch.float32, 4096, False, 2),   # whole chunks, 16-byte loads, groups
+    (torch.bfloat16, 2600, True, 0),
+])
+def test_cuda_seeds_match_triton(dtype, length, has_z, groups):
+    """The backward's seeds pass (each time segment's local adjoint and shifted delta sum,
+    then the reverse combine): CUDA (``ssm_adj_local``) against the Triton kernel."""
+    x = make_inputs(2, 96, 16, length, groups, True, has_z, True, False, dtype, seed=length)
+    Bg, Cg, _ = ts._check(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                          x["delta_bias"], None)
+    dout = torch.randn_like(x["u"])
+    dlast = torch.randn(2, 96, 16, device=DEV)
+    At = x["A"].t().contiguous()
+    args = (dout, dlast, x["delta"], x["A"], At, ts._prep_bc(Cg), x["z"], x["delta_bias"], True,
+            64, 5)
+    seeds_c, S, ck = ts._bwd_seeds(*args, kernel="cuda")
+    seeds_t, S_t, ck_t = ts._bwd_seeds(*args)
+    assert (S, ck) == (S_t, ck_t) and S >= 4
+    assert rel_err(seeds_c, seeds_t) < 1e-5
+
+
 @pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
 @pytest.mark.parametrize("ch", [64, 96])
 def test_cuda_backward_other_block_widths(ch, monkeypatch):

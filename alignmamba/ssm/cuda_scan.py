@@ -15,7 +15,7 @@ from torch import Tensor
 from alignmamba.ssm import nvrtc
 
 __all__ = ["SEG", "bwd_supported", "fwd_supported", "pick_fwd_segments", "pick_segments",
-           "selective_scan_bwd_cuda", "selective_scan_fwd_cuda"]
+           "selective_scan_adj_local_cuda", "selective_scan_bwd_cuda", "selective_scan_fwd_cuda"]
 
 SEG = 64          # checkpoint spacing the kernel walks (the forward's T * CK)
 CHANNELS_PER_BLOCK = 128  # two threads per channel; a multiple of 16 (one warp = 16 channels)
@@ -225,3 +225,32 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
             Dv if not local else None, bias, h0, out, last, ckpt, dsum,
             length, dim, dstate, groups, dg, n_blk_g, seg_len, n_ck,
         ], dev)
+
+
+def selective_scan_adj_local_cuda(delta: Tensor, z: Tensor | None, dout: Tensor, A: Tensor,
+                                  Crows: Tensor, delta_bias: Tensor | None, softplus: bool,
+                                  local: Tensor, dsum: Tensor, S: int, seg_len: int) -> None:
+    """Launch ``ssm_adj_local`` (``scan_fwd.cu``): pass 1 of the segmented backward, each time
+    segment's adjoint at its first step from a zero seed past its end into ``local``
+    (B, S, D, N) and its delta sum shifted by one step into ``dsum`` (B, S, D), as
+    ``triton_scan._adj_local_kernel``. delta, z, dout: (B, D, L) contiguous, one dtype; Crows
+    from :func:`rows16`; ``seg_len`` a multiple of SEG."""
+    bsz, dim, length = delta.shape
+    groups = Crows.shape[1]
+    dg = dim // groups
+    n_blk_g = -(-dg // FWD_CHANNELS_PER_BLOCK)
+    streams = [t for t in (delta, z, dout) if t is not None]
+    assert all(t.is_contiguous() and t.dtype == delta.dtype for t in streams)
+    assert seg_len % SEG == 0
+    vec = length % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in streams)
+    bias = delta_bias.to(torch.float32).contiguous() if delta_bias is not None else None
+    flags = (z is not None, bias is not None, bool(softplus), vec)
+    expr = f"ssm_adj_local<{_DTYPES[delta.dtype]}, " + ", ".join(
+        "true" if f else "false" for f in flags) + ">"
+    kern = nvrtc.get_kernel("scan_fwd.cu", expr, delta.device, 0,
+                            (f"-DMINB={FWD_MIN_BLOCKS}",))
+    with torch.cuda.device(delta.device):
+        kern((groups * n_blk_g, bsz, S), FWD_THREADS, 0, [
+            delta, z, dout, A.to(torch.float32).contiguous(), Crows, bias, local, dsum,
+            length, dim, A.shape[1], groups, dg, n_blk_g, seg_len,
+        ], delta.device)

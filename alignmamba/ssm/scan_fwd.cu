@@ -247,3 +247,176 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
         if (valid && q == 0) dsum[bs * D + d] = dsum_acc;
     }
 }
+
+// Pass 1 of the segment-parallel backward (KERNEL_NOTES v8, v10), the forward's layout walking
+// time backwards: for time segment blockIdx.z = [l_beg, l_end), the adjoint at l_beg from a
+// zero seed past l_end,
+//   s_t = exp(delta_{t+1} A) s_{t+1} + C_t dy_t   (t = l_end-1 .. l_beg; dy = dout, times
+//                                                 z sigmoid(z) with a gate),
+// and sum_{l_beg < t <= l_end} delta_t (delta_L = 0), so that the true adjoint at l_beg is
+// local + exp(A dsum) seed. Lane q of a channel computes delta and dy of its 8 steps of a chunk
+// once (shared memory, as in ssm_fwd); C rows are staged per block. local: (B, S, D, N).
+template <int DT, bool HAS_Z, bool HAS_BIAS, bool SOFTPLUS, bool VEC>
+__global__ void __launch_bounds__(FW * 32, MINB) ssm_adj_local(
+    const typename Elem<DT>::T* __restrict__ dt, const typename Elem<DT>::T* __restrict__ z,
+    const typename Elem<DT>::T* __restrict__ dout,
+    const float* __restrict__ A,       // (D, N)
+    const float* __restrict__ Crows,   // (B, G, L, NP) fp32
+    const float* __restrict__ bias,    // (D,)
+    float* __restrict__ local,         // (B, S, D, N)
+    float* __restrict__ dsum,          // (B, S, D)
+    int L, int D, int N, int G, int Dg, int n_blk_g, int seg_len) {
+    __shared__ float4 sC[2][CHUNK * NP / 4];      // [buf][step * 4 + q]
+    __shared__ float4 sX[FW][CHUNK / 2][CW];      // (delta, dy) of two steps per channel
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int q = lane >> 3, c = lane & 7;
+    const int blk = blockIdx.x, b = blockIdx.y, seg = blockIdx.z, S = gridDim.z;
+    const int g = blk / n_blk_g;
+    const int c_in_g = (blk % n_blk_g) * FCH + warp * CW + c;
+    const bool valid = c_in_g < Dg;
+    const int d = g * Dg + (valid ? c_in_g : 0);
+    const long row = ((long)b * D + d) * L;
+    const long bs = (long)b * S + seg;
+    const int l_beg = seg * seg_len;
+    const int l_end = min(L, l_beg + seg_len);
+
+    float A2[QS], s[QS];
+#pragma unroll
+    for (int j = 0; j < QS; ++j) {
+        const int n = q * QS + j;
+        A2[j] = n < N ? A[(long)d * N + n] * LOG2E : 0.f;
+        s[j] = 0.f;
+    }
+    const float bias_v = HAS_BIAS ? bias[d] : 0.f;
+    auto delta_at = [&](int t) {  // delta of one step, 0 past the sequence
+        if (t >= L) return 0.f;
+        const float r = Elem<DT>::f(dt[row + t]) + bias_v;
+        return SOFTPLUS ? softplus(r) : r;
+    };
+    float dsum_acc = 0.f;  // this lane's steps of [l_beg, l_end)
+
+    const long bc_base = ((long)b * G + g) * L * NP;
+    auto load_c = [&](int t0) {
+        const int t = t0 + (tid >> 2);
+        return t < l_end ? reinterpret_cast<const float4*>(Crows + bc_base + (long)t * NP)[tid & 3]
+                         : make_float4(0.f, 0.f, 0.f, 0.f);
+    };
+    const int my = q * TS;
+    const int n_chunks = (l_end - l_beg + CHUNK - 1) / CHUNK;
+    int t0 = l_beg + (n_chunks - 1) * CHUNK;  // chunks from the last
+    float4 nc = load_c(t0);
+    Raw<DT> rd, rg, rz;
+    bool next_full = VEC && t0 + CHUNK <= l_end;
+    if (next_full) {
+        rd = raw_load<DT>(dt + row + t0 + my);
+        rg = raw_load<DT>(dout + row + t0 + my);
+        if (HAS_Z) rz = raw_load<DT>(z + row + t0 + my);
+    }
+    int buf = 0;
+    float dn = 0.f;  // delta of the step after the current one (the later chunk's first)
+
+    for (; t0 >= l_beg; t0 -= CHUNK) {
+        __syncwarp();  // every lane of the warp is done reading the last chunk's sX
+        sC[buf][tid] = nc;
+        const int nv = max(0, min(TS, l_end - t0 - my));
+        float rr[TS], gg[TS], zz[TS];
+        if (next_full) {
+            raw_unpack<DT>(rd, rr);
+            raw_unpack<DT>(rg, gg);
+            if (HAS_Z) raw_unpack<DT>(rz, zz);
+        } else {
+            load_ts<DT>(dt + row + t0 + my, nv, rr);
+            load_ts<DT>(dout + row + t0 + my, nv, gg);
+            if (HAS_Z) load_ts<DT>(z + row + t0 + my, nv, zz);
+        }
+        const int t1 = t0 - CHUNK;  // the chunk before (whole: only the last can be partial)
+        if (t1 >= l_beg) {
+            nc = load_c(t1);
+            next_full = VEC;
+            if (next_full) {
+                rd = raw_load<DT>(dt + row + t1 + my);
+                rg = raw_load<DT>(dout + row + t1 + my);
+                if (HAS_Z) rz = raw_load<DT>(z + row + t1 + my);
+            }
+            if (t1 - CHUNK >= l_beg) {
+                prefetch_l2(dt + row + t1 - CHUNK + my);
+                prefetch_l2(dout + row + t1 - CHUNK + my);
+                if (HAS_Z) prefetch_l2(z + row + t1 - CHUNK + my);
+            }
+        }
+
+        // 1. delta and dy of this lane's 8 steps (0 past the segment's end)
+        float dl[TS], dy[TS];
+#pragma unroll
+        for (int i = 0; i < TS; ++i) {
+            const float m = i < nv ? 1.f : 0.f;
+            const float r = rr[i] + bias_v;
+            dl[i] = (SOFTPLUS ? softplus(r) : r) * m;
+            dsum_acc += dl[i];
+            dy[i] = HAS_Z ? gg[i] * zz[i] * sigmoid(zz[i]) * m : gg[i] * m;
+        }
+#pragma unroll
+        for (int i = 0; i < TS; i += 2)
+            sX[warp][(my + i) >> 1][c] = make_float4(dl[i], dy[i], dl[i + 1], dy[i + 1]);
+        __syncthreads();  // sC[buf] and sX complete
+
+        // 2. the chunk's 32 steps backwards, in groups of 4, pipelined as in ssm_fwd: group
+        // g-1's loads and exp2 (of the deltas one step later) before group g's updates
+        const float4* sc = sC[buf];
+        float dy4[4], dA[4][QS];
+        float4 cq[4];
+        auto load_group = [&](int tg, float d_after, float (&dy4_)[4], float (&dA_)[4][QS],
+                              float4 (&cq_)[4], float& d_first) {
+            const float4 p0 = sX[warp][2 * tg][c], p1 = sX[warp][2 * tg + 1][c];
+            const float dnx[4] = {p0.z, p1.x, p1.z, d_after};  // delta_{t+1} of the 4 steps
+            dy4_[0] = p0.y; dy4_[1] = p0.w; dy4_[2] = p1.y; dy4_[3] = p1.w;
+            d_first = p0.x;
+#pragma unroll
+            for (int s4 = 0; s4 < 4; ++s4) {
+                cq_[s4] = sc[(4 * tg + s4) * QG + q];
+#pragma unroll
+                for (int j = 0; j < QS; ++j) dA_[s4][j] = ex2(dnx[s4] * A2[j]);
+            }
+        };
+        float dfirst;
+        load_group(CHUNK / 4 - 1, dn, dy4, dA, cq, dfirst);
+#pragma unroll
+        for (int tg = CHUNK / 4 - 1; tg >= 0; --tg) {
+            float ndy4[4], ndA[4][QS], nfirst = 0.f;
+            float4 ncq[4];
+            if (tg > 0) load_group(tg - 1, dfirst, ndy4, ndA, ncq, nfirst);
+#pragma unroll
+            for (int s4 = 3; s4 >= 0; --s4) {
+                const float cj[QS] = {cq[s4].x, cq[s4].y, cq[s4].z, cq[s4].w};
+#pragma unroll
+                for (int j = 0; j < QS; ++j) s[j] = fmaf(dA[s4][j], s[j], dy4[s4] * cj[j]);
+            }
+            if (tg > 0) {
+#pragma unroll
+                for (int s4 = 0; s4 < 4; ++s4) {
+                    dy4[s4] = ndy4[s4];
+                    cq[s4] = ncq[s4];
+#pragma unroll
+                    for (int j = 0; j < QS; ++j) dA[s4][j] = ndA[s4][j];
+                }
+            } else {
+                dn = dfirst;  // the chunk's first delta: delta_{t+1} of the chunk before's last step
+            }
+            if (tg > 0) dfirst = nfirst;
+        }
+        buf ^= 1;
+    }
+
+    if (valid) {
+#pragma unroll
+        for (int j = 0; j < QS; ++j) {
+            const int n = q * QS + j;
+            if (n < N) local[(bs * D + d) * N + n] = s[j];
+        }
+    }
+    // sum over (l_beg, l_end] = sum over [l_beg, l_end) - delta_{l_beg} + delta_{l_end}
+    dsum_acc += __shfl_xor_sync(FULL, dsum_acc, 8);
+    dsum_acc += __shfl_xor_sync(FULL, dsum_acc, 16);
+    if (valid && q == 0) dsum[bs * D + d] = dsum_acc - delta_at(l_beg) + delta_at(l_end);
+}

@@ -943,11 +943,13 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
 
 
 def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int,
-               segments: int) -> tuple[Tensor | None, int, int]:
+               segments: int, kernel: str = "triton") -> tuple[Tensor | None, int, int]:
     """Passes 1-2 of the segment-parallel backward: the adjoint seed past the end of each of
     ``segments`` time segments (whole checkpoint segments of ``step`` steps), (B, S, D, N),
-    from each segment's local adjoint (``_adj_local_kernel``) and the reverse combine. Returns
-    (seeds or dlast, S, checkpoint segments per time segment)."""
+    from each segment's local adjoint and the reverse combine. The local adjoints come from
+    ``cuda_scan.selective_scan_adj_local_cuda`` when ``kernel`` is "cuda"/"cuda-auto" (its
+    NvrtcError propagates to ``_bwd``), else from ``_adj_local_kernel``. Returns (seeds or
+    dlast, S, checkpoint segments per time segment)."""
     bsz, dim, length = delta.shape
     n_ck = _cdiv(length, step)
     ck_per = _cdiv(n_ck, max(1, segments))
@@ -955,21 +957,29 @@ def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int
     if S == 1:
         return dlast, 1, ck_per
     groups, dstate = Cg.shape[1], A.shape[1]
-    cfg1 = pick_fwd_config(dim // groups)
-    Cf = _rows_bc(Cg, cfg1.T)
     dev, f32 = delta.device, torch.float32
     local = torch.empty(bsz, S, dim, dstate, device=dev, dtype=f32)
     dsum = torch.empty(bsz, S, dim, device=dev, dtype=f32)
-    (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg1)
-    zs = z if z is not None else dout
-    _adj_local_kernel[(gx, bsz, S)](
-        delta, At, Cf, zs, delta_bias if delta_bias is not None else local, dout, local, dsum,
-        length, dstate, dim // groups, n_blk_g, ck_per * step,
-        *delta.stride(), At.stride(1), At.stride(0), *Cf.stride()[:3], *zs.stride(),
-        *dout.stride(), *local.stride(), *dsum.stride()[:2],
-        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        NP=Cf.shape[3], FAST=_fast_math(), num_warps=cfg1.num_warps, T=cfg1.T, BD=cfg1.block_d,
-    )
+    if kernel in ("cuda", "cuda-auto"):
+        dt_ = delta.dtype
+        cuda_scan.selective_scan_adj_local_cuda(
+            delta.contiguous(), z.contiguous() if z is not None else None,
+            dout.to(dt_).contiguous(), A, cuda_scan.rows16(Cg), delta_bias, softplus, local,
+            dsum, S, ck_per * step)
+    else:
+        cfg1 = pick_fwd_config(dim // groups)
+        Cf = _rows_bc(Cg, cfg1.T)
+        (gx, _), n_blk_g = _grid(bsz, dim, groups, cfg1)
+        zs = z if z is not None else dout
+        _adj_local_kernel[(gx, bsz, S)](
+            delta, At, Cf, zs, delta_bias if delta_bias is not None else local, dout, local,
+            dsum, length, dstate, dim // groups, n_blk_g, ck_per * step,
+            *delta.stride(), At.stride(1), At.stride(0), *Cf.stride()[:3], *zs.stride(),
+            *dout.stride(), *local.stride(), *dsum.stride()[:2],
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+            NP=Cf.shape[3], FAST=_fast_math(), num_warps=cfg1.num_warps, T=cfg1.T,
+            BD=cfg1.block_d,
+        )
     seeds = torch.empty_like(local)
     block = 256
     _seg_combine_kernel[(_cdiv(dim * dstate, block), bsz)](
@@ -1013,13 +1023,34 @@ def _pick_kernel(which: str, kernel: str | None, u: Tensor, delta: Tensor, z: Te
     return "triton"
 
 
+def _bwd_outputs(u, delta, z, D, delta_bias, h0, groups: int, dstate: int, S: int) -> tuple:
+    """The gradient buffers either backward kernel writes: du, ddelta, dz (B, D, L)
+    contiguous (the CUDA kernel indexes them so); dA partials (B*S, D, N); dB, dC
+    (B, G, N, L) fp32 zeroed (atomics); dD and d(delta_bias) partials (B*S, D); dh0 (B, D, N);
+    None where the input is absent."""
+    bsz, dim, length = u.shape
+    dev, f32 = u.device, torch.float32
+    du = torch.empty(u.shape, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(u.shape, device=dev, dtype=delta.dtype)
+    dz = torch.empty(u.shape, device=dev, dtype=z.dtype) if z is not None else None
+    dA_part = torch.empty(bsz * S, dim, dstate, device=dev, dtype=f32)
+    dBg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
+    dCg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
+    dD_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if delta_bias is not None \
+        else None
+    dh0 = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if h0 is not None else None
+    return du, ddelta, dz, dA_part, dBg, dCg, dD_part, dbias_part, dh0
+
+
 def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
          cfg: ScanConfig, segments: int | None = None, kernel: str = "triton"):
     """Backward launches. ``segments`` > 1 (KERNEL_NOTES v8): the adjoint seeds of that many
     time segments first (``_bwd_seeds``), then every segment's backward in parallel; same
     results up to fp32 rounding (dA, dD, d(delta_bias) partials are summed over segments).
-    None: the picker of the kernel that runs. ``kernel``: "cuda" (KERNEL_NOTES v9,
-    ``cuda_scan``) or "triton" (``_ssm_bwd_kernel``)."""
+    None: the picker of the kernel that runs. ``kernel``: "cuda"/"cuda-auto" (KERNEL_NOTES v9
+    and v10: ``cuda_scan``'s seeds and main kernels; "cuda-auto" falls back to Triton with a
+    one-time warning if NVRTC fails) or "triton" (``_adj_local_kernel``, ``_ssm_bwd_kernel``)."""
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     At = A.t().contiguous()
@@ -1028,27 +1059,14 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
         segments = (cuda_scan.pick_segments(bsz, dim, groups, length, u.device)
                     if kernel.startswith("cuda") else
                     pick_bwd_segments(bsz, dim, groups, length, cfg, u.device))
-    seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
-                                  cfg.BL * cfg.CK, max(1, int(segments)))
-    dev = u.device
-    f32 = torch.float32
-    # outputs of either kernel; the (B, D, L) ones contiguous (the CUDA kernel indexes them so)
-    du = torch.empty(u.shape, device=dev, dtype=u.dtype)
-    ddelta = torch.empty(u.shape, device=dev, dtype=delta.dtype)
-    dz = torch.empty(u.shape, device=dev, dtype=z.dtype) if z is not None else None
-    # partials per (batch, segment); seeds (B, S, D, N) and dh0 (B, D, N) share their strides
-    dA_part = torch.empty(bsz * S, dim, dstate, device=dev, dtype=f32)
-    dBg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
-    dCg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
-    dD_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if delta_bias is not None \
-        else None
-    dh0 = torch.empty(bsz, dim, dstate, device=dev, dtype=f32) if h0 is not None else None
+    step = cfg.BL * cfg.CK
     if kernel in ("cuda", "cuda-auto"):
         try:
-            cuda_scan.selective_scan_bwd_cuda(
-                dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt,
-                softplus, (du, ddelta, dz, dA_part, dBg, dCg, dD_part, dbias_part, dh0))
+            seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
+                                          step, max(1, int(segments)), kernel)
+            outs = _bwd_outputs(u, delta, z, D, delta_bias, h0, groups, dstate, S)
+            cuda_scan.selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z,
+                                              delta_bias, h0, ckpt, softplus, outs)
         except nvrtc.NvrtcError as exc:
             if kernel == "cuda":
                 raise AlignMambaError(f"selective_scan_triton: CUDA backward failed: {exc}") \
@@ -1059,8 +1077,12 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
             return _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
                         cfg, seg_arg, "triton")
     else:
+        seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
+                                      step, max(1, int(segments)))
+        outs = _bwd_outputs(u, delta, z, D, delta_bias, h0, groups, dstate, S)
         _launch_bwd(dout, seeds, S, ck_per, u, delta, At, Bg, Cg, D, z, delta_bias, h0, ckpt,
-                    softplus, cfg, (du, ddelta, dz, dA_part, dBg, dCg, dD_part, dbias_part, dh0))
+                    softplus, cfg, outs)
+    du, ddelta, dz, dA_part, dBg, dCg, dD_part, dbias_part, dh0 = outs
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if dD_part is not None else None
     dbias = dbias_part.sum(0) if dbias_part is not None else None
