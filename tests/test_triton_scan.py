@@ -682,6 +682,25 @@ def test_cuda_forward_matches_float64(case, grad, monkeypatch):
         assert rel_err(st, rlast) < 1e-5
 
 
+@pytest.mark.skipif(not CUDA, reason="the CUDA forward (NVRTC) needs a CUDA device")
+@pytest.mark.parametrize("opts", [("GS=8",), ("MINB=2", "GS=8"), ("MINB=4",)])
+def test_cuda_forward_variants_match_float64(opts):
+    """The forward's compile-time variants that benchmarks sweep (steps per pipelined group,
+    register budget) compute the same scan: output and last state against float64."""
+    x = make_inputs(2, 200, 16, 1000, 2, True, True, True, True, torch.float32, seed=31)
+    Bg, Cg, _ = ts._check(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                          x["delta_bias"], x["initial_state"])
+    cf = ts.pick_fwd_config(100)
+    out, last, ckpt = ts._fwd(x["u"], x["delta"], x["A"], Bg, Cg, x["D"], x["z"],
+                              x["delta_bias"], x["initial_state"], True, True, True, cf, 1,
+                              "cuda", opts)
+    rout, rlast = ref_fn(torch.float64)(x, True, True)
+    assert rel_err(out, rout) < 1e-5 and rel_err(last, rlast) < 1e-5
+    _, _, ckpt0 = ts._fwd(x["u"], x["delta"], x["A"], Bg, Cg, x["D"], x["z"], x["delta_bias"],
+                          x["initial_state"], True, True, True, cf, 1, "cuda")
+    assert rel_err(ckpt, ckpt0) < 1e-5  # the checkpoints the backward reads
+
+
 @pytest.mark.skipif(not CUDA, reason="the CUDA seeds kernel (NVRTC) needs a CUDA device")
 @pytest.mark.parametrize("dtype,length,has_z,groups", [
     (torch.float32, 1000, True, 0),    # a partial last chunk, scalar loads

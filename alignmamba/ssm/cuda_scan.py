@@ -143,6 +143,7 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
 FWD_CHANNELS_PER_BLOCK = 32   # 4 warps x 8 channels, 4 lanes per channel
 FWD_THREADS = 128
 FWD_MIN_BLOCKS = 3            # __launch_bounds__: registers for 3 resident blocks per SM (168)
+FWD_GROUP_STEPS = 4           # steps per software-pipelined group (scan_fwd.cu GS: 4 or 8)
 FWD_WARPS_PER_SMSP = 2        # segments are cut until the warps give this many per sub-partition
 FWD_LOCAL_COST = 0.9          # pass 1 of a segmented forward relative to a full pass
 
@@ -193,7 +194,8 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
     (B, n_ck, N, D) fp32; dsum (B, S, D). ``out`` None: pass 1 of the segmented forward
     (each segment's final state from zero into ``last``, its delta sum into ``dsum``).
     ``seg_len``: a multiple of SEG. ``options``: "NAME=value" compile-time settings of
-    ``scan_fwd.cu`` replacing the defaults (MINB=FWD_MIN_BLOCKS; benchmarks sweep them)."""
+    ``scan_fwd.cu`` replacing the defaults (MINB=FWD_MIN_BLOCKS, GS=FWD_GROUP_STEPS;
+    benchmarks sweep them)."""
     bsz, dim, length = u.shape
     groups, dstate = Brows.shape[1], A.shape[1]
     dg = dim // groups
@@ -210,7 +212,7 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
              bool(softplus), h0 is not None, last is not None, ckpt is not None, local, vec)
     expr = f"ssm_fwd<{_DTYPES[u.dtype]}, " + ", ".join("true" if f else "false"
                                                        for f in flags) + ">"
-    defs = {"MINB": str(FWD_MIN_BLOCKS)}
+    defs = {"GS": str(FWD_GROUP_STEPS), "MINB": str(FWD_MIN_BLOCKS)}
     for opt in options:
         name, _, value = opt.partition("=")
         if name not in defs or not value.isdigit():

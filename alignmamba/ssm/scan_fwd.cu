@@ -39,6 +39,10 @@
 #define CHUNK (QG * TS)      // steps per chunk
 #define CKS 64               // checkpoint spacing in steps (two chunks)
 #define YROW 9               // float4 per (q, c) row of sY: 8 + 1 of padding
+#ifndef GS
+#define GS 4                 // steps per software-pipelined group in ssm_fwd (4 or 8)
+#endif
+static_assert(GS % 4 == 0 && CHUNK % GS == 0, "GS: 4 or 8");
 #ifndef MINB
 #define MINB 3               // resident blocks per SM the register budget must allow
 #endif
@@ -161,53 +165,64 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
         }
         __syncthreads();  // sBC[buf] and sX complete
 
-        // 2. the chunk's 32 steps for this lane's 4 states, in groups of 4 steps, software-
-        // pipelined: group g+1's shared-memory loads and 16 exp2 (which do not depend on the
-        // state) are issued before group g's state updates, so that their latencies overlap
-        // the update chain
+        // 2. the chunk's 32 steps for this lane's 4 states, in groups of GS steps, software-
+        // pipelined: group g+1's shared-memory loads and GS x 4 exp2 (which do not depend on
+        // the state) are issued before group g's state updates, so that their latencies
+        // overlap the update chain
         const float4* sb = sBC[buf][0];
         const float4* sc = sBC[buf][1];
         float4* yrow = &sY[warp][(q * CW + c) * YROW];
-        float x4[4], dA[4][QS];
-        float4 bq[4], cq[4];
-        auto load_group = [&](int tg, float (&x4_)[4], float (&dA_)[4][QS], float4 (&bq_)[4],
-                              float4 (&cq_)[4]) {
-            const float4 p0 = sX[warp][2 * tg][c], p1 = sX[warp][2 * tg + 1][c];
-            const float dl4[4] = {p0.x, p0.z, p1.x, p1.z};
-            x4_[0] = p0.y; x4_[1] = p0.w; x4_[2] = p1.y; x4_[3] = p1.w;
+        float xg[GS], dA[GS][QS];
+        float4 bq[GS], cq[GS];
+        auto load_group = [&](int tg, float (&xg_)[GS], float (&dA_)[GS][QS], float4 (&bq_)[GS],
+                              float4 (&cq_)[GS]) {
+            float dlg[GS];
 #pragma unroll
-            for (int s4 = 0; s4 < 4; ++s4) {
-                bq_[s4] = sb[(4 * tg + s4) * QG + q];
-                if (!LOCAL) cq_[s4] = sc[(4 * tg + s4) * QG + q];
+            for (int p = 0; p < GS / 2; ++p) {
+                const float4 pr = sX[warp][(GS * tg) / 2 + p][c];
+                dlg[2 * p] = pr.x;
+                dlg[2 * p + 1] = pr.z;
+                xg_[2 * p] = pr.y;
+                xg_[2 * p + 1] = pr.w;
+            }
 #pragma unroll
-                for (int j = 0; j < QS; ++j) dA_[s4][j] = ex2(dl4[s4] * A2[j]);
+            for (int sg = 0; sg < GS; ++sg) {
+                bq_[sg] = sb[(GS * tg + sg) * QG + q];
+                if (!LOCAL) cq_[sg] = sc[(GS * tg + sg) * QG + q];
+#pragma unroll
+                for (int j = 0; j < QS; ++j) dA_[sg][j] = ex2(dlg[sg] * A2[j]);
             }
         };
-        load_group(0, x4, dA, bq, cq);
+        load_group(0, xg, dA, bq, cq);
 #pragma unroll
-        for (int tg = 0; tg < CHUNK / 4; ++tg) {
-            float nx4[4], ndA[4][QS];
-            float4 nbq[4], ncq[4];
-            if (tg + 1 < CHUNK / 4) load_group(tg + 1, nx4, ndA, nbq, ncq);
-            float yp[4];
+        for (int tg = 0; tg < CHUNK / GS; ++tg) {
+            float nxg[GS], ndA[GS][QS];
+            float4 nbq[GS], ncq[GS];
+            if (tg + 1 < CHUNK / GS) load_group(tg + 1, nxg, ndA, nbq, ncq);
+            float yp[GS];
 #pragma unroll
-            for (int s4 = 0; s4 < 4; ++s4) {
-                const float bj[QS] = {bq[s4].x, bq[s4].y, bq[s4].z, bq[s4].w};
+            for (int sg = 0; sg < GS; ++sg) {
+                const float bj[QS] = {bq[sg].x, bq[sg].y, bq[sg].z, bq[sg].w};
 #pragma unroll
-                for (int j = 0; j < QS; ++j) h[j] = fmaf(dA[s4][j], h[j], x4[s4] * bj[j]);
+                for (int j = 0; j < QS; ++j) h[j] = fmaf(dA[sg][j], h[j], xg[sg] * bj[j]);
                 if (!LOCAL)
-                    yp[s4] = fmaf(cq[s4].x, h[0], fmaf(cq[s4].y, h[1],
-                                  fmaf(cq[s4].z, h[2], cq[s4].w * h[3])));
+                    yp[sg] = fmaf(cq[sg].x, h[0], fmaf(cq[sg].y, h[1],
+                                  fmaf(cq[sg].z, h[2], cq[sg].w * h[3])));
             }
-            if (!LOCAL) yrow[tg] = make_float4(yp[0], yp[1], yp[2], yp[3]);
-            if (tg + 1 < CHUNK / 4) {
+            if (!LOCAL) {
 #pragma unroll
-                for (int s4 = 0; s4 < 4; ++s4) {
-                    x4[s4] = nx4[s4];
-                    bq[s4] = nbq[s4];
-                    cq[s4] = ncq[s4];
+                for (int i = 0; i < GS / 4; ++i)
+                    yrow[(GS * tg) / 4 + i] = make_float4(yp[4 * i], yp[4 * i + 1], yp[4 * i + 2],
+                                                          yp[4 * i + 3]);
+            }
+            if (tg + 1 < CHUNK / GS) {
 #pragma unroll
-                    for (int j = 0; j < QS; ++j) dA[s4][j] = ndA[s4][j];
+                for (int sg = 0; sg < GS; ++sg) {
+                    xg[sg] = nxg[sg];
+                    bq[sg] = nbq[sg];
+                    cq[sg] = ncq[sg];
+#pragma unroll
+                    for (int j = 0; j < QS; ++j) dA[sg][j] = ndA[sg][j];
                 }
             }
         }
