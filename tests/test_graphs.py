@@ -287,9 +287,9 @@ def test_progress_reads_the_loss_only_every_few_steps():
 
 # ------------------------------------------------------------------ CUDA only
 
-def _cuda_setup(ds):
+def _cuda_setup(ds, **kw):
     torch.manual_seed(0)
-    mcfg = _mcfg(ds)  # dropout 0: graph and eager draw no random numbers
+    mcfg = _mcfg(ds, **kw)  # dropout 0: graph and eager draw no random numbers
     model = build_model(mcfg).cuda().train()
     dsplit = G.DeviceSplit(ds.splits["train"], "cuda")
     loss_fn = lambda p, y: T.task_loss(p, y, mcfg, "l1")
@@ -302,7 +302,12 @@ def _grads(model):
 
 @cuda
 def test_graphed_step_equals_eager_step_on_cuda(ds):
-    mcfg, model, dsplit, loss_fn = _cuda_setup(ds)
+    # without OT: its scatter-add (eq. 6) adds with CUDA atomics in the forward, so two runs
+    # of the same step differ in the last bits everywhere downstream (H100: 2 of 3 runs with
+    # OT had single elements off by up to 4x the fp32 tolerance). The resampling used instead
+    # has atomics only in its backward (gather's), a few terms each: 5 of 5 runs passed.
+    # OT under graphs: the amp test below.
+    mcfg, model, dsplit, loss_fn = _cuda_setup(ds, use_ot=False)
     eager = G.StepLoss(model, mcfg.modalities, loss_fn, amp=False)
     step = G.GraphedTrainStep(model, mcfg.modalities, loss_fn, amp=False, batch_size=8)
     gen = torch.Generator().manual_seed(0)
