@@ -370,14 +370,18 @@ def test_segment_parallel_backward_matches_float64(case):
     assert_grads_match(x, grads, rgrads)
 
 
-def test_backward_segments_only_when_the_gpu_would_idle(monkeypatch):
-    cfg = ts.pick_config(16, 512, True)
-    assert ts.pick_bwd_segments(1, 512, 1, 10_000, cfg, torch.device("cpu")) == 1
-
+@pytest.fixture
+def h100_props(monkeypatch):
+    """torch.cuda.get_device_properties answers as for an H100 (132 SMs), on any machine."""
     class Props:
         multi_processor_count = 132
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+
+
+def test_backward_segments_only_when_the_gpu_would_idle(h100_props):
+    cfg = ts.pick_config(16, 512, True)
+    assert ts.pick_bwd_segments(1, 512, 1, 10_000, cfg, torch.device("cpu")) == 1
     gpu = torch.device("cuda")
     # batch 1, D 512: 4 programs -> 264 segments for 8 per SM, capped by BWD_MIN_SEG_STEPS
     assert ts.pick_bwd_segments(1, 512, 1, 65536, cfg, gpu) == 65536 // ts.BWD_MIN_SEG_STEPS
@@ -390,15 +394,10 @@ def test_backward_segments_only_when_the_gpu_would_idle(monkeypatch):
     assert ts.pick_bwd_segments(24, 1536, 1, 16384, big, gpu) == 1  # 288 of 1056: enough
 
 
-def test_segments_are_only_picked_when_the_gpu_would_idle(monkeypatch):
+def test_segments_are_only_picked_when_the_gpu_would_idle(h100_props):
     cfg = ts.pick_fwd_config(512)
     cpu = torch.device("cpu")
     assert ts.pick_segments(1, 512, 1, 10_000, cfg, cpu) == 1  # the interpreter / CPU: one pass
-
-    class Props:
-        multi_processor_count = 132
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
     gpu = torch.device("cuda")
     # batch 1, D 512: 16 warps for 132 SMs -> 396 segments for 48 warps per SM, capped by
     # MIN_SEG_STEPS
@@ -566,17 +565,12 @@ def test_cuda_kernel_failure_falls_back_unless_forced(which, forced, monkeypatch
     assert len([w for w in warned if "failed" in w]) == 1
 
 
-def test_cuda_fwd_segments(monkeypatch):
+def test_cuda_fwd_segments(h100_props):
     """The CUDA forward cuts time only when its warps leave sub-partitions idle: none at the
     issue shape (1536 warps for 528 sub-partitions), many for batch 1 x 512 channels, and
     never below two checkpoints per segment."""
     cs = ts.cuda_scan
     assert cs.pick_fwd_segments(1, 512, 1, 65536, torch.device("cpu")) == 1
-
-    class Props:
-        multi_processor_count = 132
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
     gpu = torch.device("cuda")
     assert cs.pick_fwd_segments(8, 1536, 1, 16384, gpu) == 1
     assert cs.pick_fwd_segments(1, 512, 1, 100, gpu) == 1  # 2 checkpoints: one segment
@@ -593,16 +587,11 @@ def test_cuda_bwd_blocks_per_sm():
     assert cs.smem_bytes(128) == 2 * 8 * 2 * 256 * 16 + 2 * 64 * 16 * 4 + 2 * 8 * 8 * 32 * 4
 
 
-def test_cuda_bwd_segments_balance_waves(monkeypatch):
+def test_cuda_bwd_segments_balance_waves(h100_props):
     """The CUDA backward runs one block per SM: S time segments are chosen to minimise
     waves / S (the slowest SM's share of the sequence), at least 4 checkpoints each."""
     cs = ts.cuda_scan
     assert cs.pick_segments(8, 1536, 1, 16384, torch.device("cpu")) == 1
-
-    class Props:
-        multi_processor_count = 132
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
     gpu = torch.device("cuda")
     assert cs.pick_segments(1, 512, 1, 200, gpu) == 1  # 4 checkpoints: cannot cut
     for bsz, dim, length in ((8, 1536, 16384), (1, 512, 10626), (32, 1536, 2048)):
@@ -614,15 +603,23 @@ def test_cuda_bwd_segments_balance_waves(monkeypatch):
             assert -(-blocks * other // 132) / other >= 0.97 * waves / s - 1e-12, (s, other)
 
 
-@pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
-@pytest.mark.parametrize("case", [
-    # (B, D, N, L, G, has_D, has_z, has_bias, softplus, last, h0, backward segments)
+# cases of the CUDA kernels against float64:
+# (B, D, N, L, G, has_D, has_z, has_bias, softplus, last, h0, time segments)
+CUDA_CASES = [
     (2, 200, 16, 300, 2, True, True, True, True, True, True, None),  # 100-channel groups
     (2, 256, 5, 256, 0, True, False, False, False, False, False, 1),  # N padded to 16
     (1, 384, 16, 1000, 0, False, True, True, True, True, False, 3),  # time segments
     (3, 130, 16, 77, 0, True, True, False, True, False, True, 1),  # a block of 2 channels
     (1, 128, 12, 1030, 4, True, True, True, True, True, True, 4),  # 32-channel groups
-], ids=lambda c: f"B{c[0]}-D{c[1]}-N{c[2]}-L{c[3]}-G{c[4]}-S{c[11]}")
+]
+
+
+def _case_id(c: tuple) -> str:
+    return f"B{c[0]}-D{c[1]}-N{c[2]}-L{c[3]}-G{c[4]}-S{c[11]}"
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
+@pytest.mark.parametrize("case", CUDA_CASES, ids=_case_id)
 def test_cuda_backward_matches_float64(case, monkeypatch):
     """The CUDA backward kernel (KERNEL_NOTES v9): every gradient equals the float64
     recurrence's; lengths not a multiple of 8 (scalar loads) and of 64 (a partial checkpoint
@@ -644,15 +641,9 @@ def test_cuda_backward_matches_float64(case, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA forward (NVRTC) needs a CUDA device")
-@pytest.mark.parametrize("case", [
-    # (B, D, N, L, G, has_D, has_z, has_bias, softplus, last, h0, forward segments)
-    (2, 200, 16, 300, 2, True, True, True, True, True, True, None),  # 100-channel groups
-    (2, 256, 5, 256, 0, True, False, False, False, False, False, 1),  # N padded to 16
-    (1, 384, 16, 1000, 0, False, True, True, True, True, False, 3),  # time segments
-    (3, 130, 16, 77, 0, True, True, False, True, False, True, 1),  # a warp of 2 channels
-    (1, 128, 12, 1030, 4, True, True, True, True, True, True, 4),  # 32-channel groups, h0
+@pytest.mark.parametrize("case", CUDA_CASES + [
     (1, 64, 16, 4100, 0, True, True, True, True, True, True, None),  # auto segments
-], ids=lambda c: f"B{c[0]}-D{c[1]}-N{c[2]}-L{c[3]}-G{c[4]}-S{c[11]}")
+], ids=_case_id)
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
 def test_cuda_forward_matches_float64(case, grad, monkeypatch):
     """The CUDA forward kernel (KERNEL_NOTES v10): output and final state equal the float64
@@ -711,8 +702,8 @@ def test_cuda_seeds_match_triton(dtype, length, has_z, groups):
     """The backward's seeds pass (each time segment's local adjoint and shifted delta sum,
     then the reverse combine): CUDA (``ssm_adj_local``) against the Triton kernel."""
     x = make_inputs(2, 96, 16, length, groups, True, has_z, True, False, dtype, seed=length)
-    Bg, Cg, _ = ts._check(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                          x["delta_bias"], None)
+    _, Cg, _ = ts._check(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                         x["delta_bias"], None)
     dout = torch.randn_like(x["u"])
     dlast = torch.randn(2, 96, 16, device=DEV)
     At = x["A"].t().contiguous()
