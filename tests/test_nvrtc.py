@@ -23,8 +23,9 @@ def test_kernel_arguments_are_checked_before_launch():
     k = nvrtc.Kernel(None, None, 1024)
     with pytest.raises(nvrtc.NvrtcError, match="shared memory"):
         k((1, 1, 1), 32, 4096, [], torch.device("cpu"))
-    with pytest.raises(TypeError, match="tensor, None or int"):
-        k((1, 1, 1), 32, 0, [1.5], torch.device("cpu"))
+    for bad in (1.5, True):  # a bool is an int to Python, not to the kernel
+        with pytest.raises(TypeError, match="tensor, None or int"):
+            k((1, 1, 1), 32, 0, [bad], torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name,kernel", [("scan_fwd.cu", "ssm_fwd"), ("scan_bwd.cu", "ssm_bwd")])

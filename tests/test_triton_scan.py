@@ -758,8 +758,12 @@ def test_cuda_fwd_options_are_checked():
     an integer; anything else fails before NVRTC sees it."""
     u = torch.randn(1, 32, 64)
     A = -torch.rand(32, 16)
-    rows = ts.cuda_scan.rows16(torch.randn(1, 1, 16, 64))
-    assert rows.shape == (1, 1, 64, 16)
+    bc = torch.randn(1, 1, 16, 64, dtype=torch.bfloat16)
+    rows = ts.cuda_scan.rows16(bc)
+    assert rows.dtype == torch.float32 and rows.is_contiguous()
+    assert torch.equal(rows, bc.transpose(-1, -2).float())
+    padded = ts.cuda_scan.rows16(bc[:, :, :5])  # N = 5: states 5..15 are zero
+    assert torch.equal(padded[..., :5], rows[..., :5]) and not padded[..., 5:].any()
     for bad in ("EMU=1", "MINB=x", "MINB"):
         with pytest.raises(ValueError, match="scan_fwd.cu option"):
             ts.cuda_scan.selective_scan_fwd_cuda(u, u, A, rows, rows, None, None, None, None,

@@ -174,8 +174,10 @@ def rows16(t: Tensor) -> Tensor:
     """B or C for the CUDA forward: (B, G, L, 16) fp32, one row of states per step, states
     zero-padded to 16 (the kernel's rows are 64 bytes)."""
     bsz, groups, dstate, length = t.shape
+    # one copy kernel (dtype and layout at once; .to().contiguous() would be two launches)
     if dstate == _NP:
-        return t.transpose(-1, -2).to(torch.float32).contiguous()
+        out = torch.empty(bsz, groups, length, _NP, device=t.device, dtype=torch.float32)
+        return out.copy_(t.transpose(-1, -2))
     out = torch.zeros(bsz, groups, length, _NP, device=t.device, dtype=torch.float32)
     out[..., :dstate] = t.transpose(-1, -2)
     return out

@@ -141,18 +141,19 @@ class Kernel:
                  device: torch.device) -> None:
         if smem > self._smem_max:
             raise NvrtcError(f"kernel needs {smem} bytes of shared memory, set for {self._smem_max}")
+        # host time matters here (a launch per scan call; benchmarks/host_overhead.py)
         vals = []
         for a in args:
-            if isinstance(a, torch.Tensor):
-                vals.append(ctypes.c_void_p(a.data_ptr()))
+            if type(a) is int:
+                vals.append(ctypes.c_int(a))
             elif a is None:
                 vals.append(ctypes.c_void_p(0))
-            elif isinstance(a, bool) or not isinstance(a, int):
-                raise TypeError(f"kernel argument {a!r}: tensor, None or int expected")
+            elif isinstance(a, torch.Tensor):
+                vals.append(ctypes.c_void_p(a.data_ptr()))
             else:
-                vals.append(ctypes.c_int(a))
-        params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p)
-                                                  for v in vals])
+                raise TypeError(f"kernel argument {a!r}: tensor, None or int expected")
+        # cuLaunchKernel reads each argument through a pointer to it; vals keeps them alive
+        params = (ctypes.c_void_p * len(vals))(*map(ctypes.addressof, vals))
         stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
         cu = _open_cuda()
         _check_cu(cu.cuLaunchKernel(self._func, *[ctypes.c_uint(x) for x in grid],

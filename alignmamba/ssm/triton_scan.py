@@ -1129,10 +1129,10 @@ def _launch_bwd(dout, seeds, S, ck_per, u, delta, At, Bg, Cg, D, z, delta_bias, 
 
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
+    def forward(ctx, u, delta, A, Bg, Cg, D, z, delta_bias, initial_state, softplus,
                 return_last_state, need_grad, cfg_f, cfg_b, segments,
                 bwd_segments, fwd_kernel, bwd_kernel):  # type: ignore[override]
-        Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        # Bg, Cg: (B, G, N, L) views from _check (their gradients flow back through the view)
         u, delta, z = _lastdim_contig(u), _lastdim_contig(delta), _lastdim_contig(z)
         h0 = initial_state.contiguous() if initial_state is not None else None
         # the backward walks the forward's checkpoints: same spacing in steps
@@ -1149,8 +1149,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             ctx.cfg_b = cfg_b
             ctx.bwd_segments = bwd_segments
             ctx.bwd_kernel = bwd_kernel
-            ctx.b_dims = B.dim()
-            ctx.dtypes = (B.dtype, C.dtype)
+            ctx.dtypes = (Bg.dtype, Cg.dtype)
         ctx.set_materialize_grads(False)
         if return_last_state:
             return out, last
@@ -1172,8 +1171,6 @@ class _SelectiveScanFn(torch.autograd.Function):
             cfg_b, ctx.bwd_segments, kernel)
         dB = dBg.to(ctx.dtypes[0])
         dC = dCg.to(ctx.dtypes[1])
-        if ctx.b_dims == 3:
-            dB, dC = dB.squeeze(1), dC.squeeze(1)
         dA = dA.to(A.dtype)
         if dD is not None:
             dD = dD.to(D.dtype)
@@ -1220,7 +1217,7 @@ def selective_scan_triton(
     NVRTC, ``cuda_scan``), "triton", or None/"auto" (environment variables ALIGNMAMBA_SCAN_FWD,
     ALIGNMAMBA_SCAN_BWD; auto = CUDA where it can run, KERNEL_NOTES v9 and v10).
     """
-    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    Bg, Cg, _ = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     for arg, val in (("fwd_kernel", fwd_kernel), ("bwd_kernel", bwd_kernel)):
         if val not in (None, "auto", "cuda", "triton"):
             raise AlignMambaError(f"selective_scan_triton: {arg}={val!r} is not one of "
@@ -1240,6 +1237,6 @@ def selective_scan_triton(
         segments = max(1, int(segments))
     if bwd_segments is not None:
         bwd_segments = max(1, int(bwd_segments))
-    return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+    return _SelectiveScanFn.apply(u, delta, A, Bg, Cg, D, z, delta_bias, initial_state,
                                   bool(delta_softplus), bool(return_last_state), need_grad,
                                   cfg_f, cfg_b, segments, bwd_segments, fwd_kernel, bwd_kernel)
