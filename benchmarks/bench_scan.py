@@ -22,8 +22,15 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+INNER = 1  # calls per timed sample (--inner)
+
+
 def median_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
-    """Median of ``reps`` CUDA-event timings after ``warmup`` untimed calls."""
+    """Median of ``reps`` CUDA-event timings after ``warmup`` untimed calls. Each sample is
+    INNER back-to-back calls divided by INNER: with 1 (the default, and every figure before the
+    fifth session) the host work before a call's first launch is included, as when the GPU
+    waits for the caller; with more, the GPU stays busy and the figure is its own time per
+    call."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -32,10 +39,11 @@ def median_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> floa
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(INNER):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / INNER)
     times.sort()
     return times[len(times) // 2]
 
@@ -251,11 +259,16 @@ def main() -> None:
     ap.add_argument("--fwd-opts", nargs="*", default=[""], metavar="OPTS",
                     help="compile-time settings of the CUDA forward for --fwd-segs, e.g. "
                          "MINB=4 ('' = defaults)")
+    ap.add_argument("--inner", type=int, default=1, metavar="K",
+                    help="back-to-back calls per timed sample (1: each call timed alone, host "
+                         "work included; more: the GPU's own time per call)")
     ap.add_argument("--other", default=None, metavar="FILE",
                     help="also time this version of triton_scan.py (e.g. the previous commit's)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_scan: needs a CUDA device")
+    global INNER
+    INNER = max(1, args.inner)
 
     from alignmamba.ssm.triton_scan import FwdConfig, ScanConfig, selective_scan_triton
 
@@ -265,6 +278,7 @@ def main() -> None:
     dout = torch.randn_like(x["u"])
     nbytes = byte_counts(x)
     result = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "inner": INNER,
               "shape": {"B": args.batch, "D": args.dim, "N": args.dstate, "L": args.length},
               "copy_GBps": copy_gbs, "bytes": nbytes}
     import triton
