@@ -219,6 +219,16 @@ class GraphedTrainStep:
         # the graph's static inputs: own buffers, refilled by copy at every replay
         sample = tuple(t.detach().clone() for t in flat)
         self._to_graph.train(self.model.training)
+        # The graphed backward runs on the capture's side stream while the parameters'
+        # AccumulateGrad nodes belong to the stream they were made on, so PyTorch warns once
+        # per run that the streams differ. That is how make_graphed_callables works, not a
+        # mistake here (graphed and eager gradients are tested equal on a GPU), and PyTorch's
+        # own message names this switch for an intended mismatch. It is process-wide (PyTorch
+        # has no getter to restore it); docs/ARCHITECTURE.md says so.
+        set_warn = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch",
+                           None)
+        if set_warn is not None:
+            set_warn(False)
         try:
             self._graphed = torch.cuda.make_graphed_callables(
                 self._to_graph, sample, num_warmup_iters=self.warmup_iters, allow_unused_input=True)
