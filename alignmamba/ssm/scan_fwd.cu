@@ -5,9 +5,9 @@
 //   delta_t = softplus(dt_t + bias);  h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
 //   y_t = C_t . h_t + D u_t;          out_t = y_t * z_t * sigmoid(z_t)
 //
-// Why this layout: the forward is bound by the exp unit (one exp2 per state update), and the
-// exp2 of a step do not depend on the state, so a warp has plenty of independent work; what it
-// needs is (a) every SM sub-partition busy, which the issue shape (8 x 1536 channels) only
+// Why this layout: the forward's busiest unit is the exp unit (one exp2 per state update), and
+// the exp2 of a step do not depend on the state, so a warp has plenty of independent work; what
+// it needs is (a) every SM sub-partition busy, which the issue shape (8 x 1536 channels) only
 // gives with several threads per channel, and (b) the per-step scalar work (softplus, gate,
 // loads, stores) done once per channel, not once per thread.
 //
@@ -27,6 +27,9 @@
 // LOCAL = pass 1 of the segment-parallel forward: no C, z or output; the segment's final state
 // from its start (zero) and sum_t delta_t per channel. Checkpoints: the state before every
 // 64-th step, (B, n_ck, N, D) fp32, for the backward.
+//
+// ssm_adj_local, at the end of this file: the backward's seeds pass in the same layout,
+// walking time backwards.
 
 #include "scan_common.cuh"
 
