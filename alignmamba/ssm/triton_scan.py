@@ -933,11 +933,7 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
         launch(start, out, None, ckpt, None, segments, seg_len)
         return out, (final if store_last else None), ckpt
     except nvrtc.NvrtcError as exc:
-        if kernel == "cuda":
-            raise AlignMambaError(f"selective_scan_triton: CUDA forward failed: {exc}") from None
-        _warn_once("fwd_nvrtc", f"alignmamba: CUDA scan forward failed ({exc}); using the "
-                   "slower Triton forward")
-        _CUDA_BROKEN["fwd"].add(dev)
+        _cuda_failed("fwd", kernel, exc, dev)
         return _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_ckpt,
                     cfg, seg_arg, "triton")
 
@@ -991,6 +987,18 @@ def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int
 # devices where a CUDA kernel failed to compile or launch in auto mode (warned once), per pass
 _CUDA_BROKEN: dict[str, set[torch.device]] = {"fwd": set(), "bwd": set()}
 _PASS_NAMES = {"fwd": "forward", "bwd": "backward"}
+
+
+def _cuda_failed(which: str, kernel: str, exc: Exception, device: torch.device) -> None:
+    """A CUDA kernel of pass ``which`` failed to compile or launch: a one-line error when it was
+    forced ("cuda"); in auto mode ("cuda-auto") a one-time warning, and the device is not tried
+    again (the caller then runs the Triton kernel)."""
+    pname = _PASS_NAMES[which]
+    if kernel == "cuda":
+        raise AlignMambaError(f"selective_scan_triton: CUDA {pname} failed: {exc}") from None
+    _warn_once(f"{which}_nvrtc", f"alignmamba: CUDA scan {pname} failed ({exc}); using the "
+               f"slower Triton {pname}")
+    _CUDA_BROKEN[which].add(device)
 
 
 def _pick_kernel(which: str, kernel: str | None, u: Tensor, delta: Tensor, z: Tensor | None,
@@ -1068,12 +1076,7 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
             cuda_scan.selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z,
                                               delta_bias, h0, ckpt, softplus, outs)
         except nvrtc.NvrtcError as exc:
-            if kernel == "cuda":
-                raise AlignMambaError(f"selective_scan_triton: CUDA backward failed: {exc}") \
-                    from None
-            _warn_once("bwd_nvrtc", f"alignmamba: CUDA scan backward failed ({exc}); using the "
-                       "slower Triton backward")
-            _CUDA_BROKEN["bwd"].add(u.device)
+            _cuda_failed("bwd", kernel, exc, u.device)
             return _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
                         cfg, seg_arg, "triton")
     else:
