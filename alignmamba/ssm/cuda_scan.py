@@ -100,8 +100,9 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
                             ckpt, softplus, outs: tuple) -> None:
     """Launch ``ssm_bwd`` on all (channel block, batch, time segment) at once.
 
-    Shapes as in ``triton_scan._bwd``: u, delta, z, dout (B, D, L); A (D, N); Bg, Cg
-    (B, G, N, L) fp32 with contiguous time; ckpt (B, n_ck, N, D); seeds (B, S, D, N) or None.
+    Shapes as in ``triton_scan._bwd``: u, delta, z, dout (B, D, L) contiguous, one dtype (as
+    ``_bwd`` passes them); A (D, N); Bg, Cg (B, G, N, L) fp32 with contiguous time; ckpt
+    (B, n_ck, N, D); seeds (B, S, D, N) or None.
     ``outs`` as ``_bwd`` allocates them for either kernel: du, ddelta, dz (B, D, L)
     contiguous, dA partials (B*S, D, N), dB, dC (B, G, N, L) fp32 zeroed, dD and d(delta_bias)
     partials (B*S, D), dh0 (B, D, N); None where the input is absent."""
@@ -112,14 +113,12 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
     ch = CHANNELS_PER_BLOCK
     n_blk_g = -(-dg // ch)
     dev, f32 = u.device, torch.float32
-    u, delta, dout = u.contiguous(), delta.contiguous(), dout.to(u.dtype).contiguous()
-    z = z.contiguous() if z is not None else None
     Bg, Cg = Bg.contiguous(), Cg.contiguous()
     Af = A.to(f32).contiguous()
     Dv = D.to(f32).contiguous() if D is not None else None
     bias = delta_bias.to(f32).contiguous() if delta_bias is not None else None
     streams = [t for t in (u, delta, dout, z, du, ddelta, dz) if t is not None]
-    assert all(t.is_contiguous() for t in streams)
+    assert all(t.is_contiguous() for t in streams) and dout.dtype == u.dtype
     vec = length % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in streams)
     flags = (D is not None, z is not None, bias is not None, bool(softplus), h0 is not None,
              seeds is not None, vec)

@@ -956,12 +956,10 @@ def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int
     dev, f32 = delta.device, torch.float32
     local = torch.empty(bsz, S, dim, dstate, device=dev, dtype=f32)
     dsum = torch.empty(bsz, S, dim, device=dev, dtype=f32)
-    if kernel in ("cuda", "cuda-auto"):
-        dt_ = delta.dtype
-        cuda_scan.selective_scan_adj_local_cuda(
-            delta.contiguous(), z.contiguous() if z is not None else None,
-            dout.to(dt_).contiguous(), A, cuda_scan.rows16(Cg), delta_bias, softplus, local,
-            dsum, S, ck_per * step)
+    if kernel in ("cuda", "cuda-auto"):  # _bwd made the streams contiguous, dout in their dtype
+        cuda_scan.selective_scan_adj_local_cuda(delta, z, dout, A, cuda_scan.rows16(Cg),
+                                                delta_bias, softplus, local, dsum, S,
+                                                ck_per * step)
     else:
         cfg1 = pick_fwd_config(dim // groups)
         Cf = _rows_bc(Cg, cfg1.T)
@@ -1069,6 +1067,9 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
                     pick_bwd_segments(bsz, dim, groups, length, cfg, u.device))
     step = cfg.BL * cfg.CK
     if kernel in ("cuda", "cuda-auto"):
+        # the CUDA kernels index (B, D, L) rows of one dtype: one copy here serves both launches
+        u, delta, dout = u.contiguous(), delta.contiguous(), dout.to(u.dtype).contiguous()
+        z = z.contiguous() if z is not None else None
         try:
             seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
                                           step, max(1, int(segments)), kernel)
