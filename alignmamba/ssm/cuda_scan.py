@@ -4,8 +4,9 @@
 Used by :func:`alignmamba.ssm.triton_scan.selective_scan_triton` in place of its Triton
 kernels when NVRTC works on the device and the call fits the kernels (N <= 16; u, delta, z
 (and the incoming gradient) of one dtype among fp32/bf16/fp16; checkpoints every 64 steps).
-The segment combine and the backward's segment seeds stay Triton. Design:
-docs/KERNEL_NOTES.md, v9 (backward) and v10 (forward).
+The backward's segment seeds (each segment's local adjoint, ``ssm_adj_local``) run in CUDA
+with it; the small combine across segments stays Triton. Design: docs/KERNEL_NOTES.md, v9
+(backward) and v10 (forward, seeds).
 """
 from __future__ import annotations
 

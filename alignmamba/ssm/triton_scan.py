@@ -28,7 +28,8 @@ Kernel design (numbers and history in docs/KERNEL_NOTES.md):
   sum of delta; a tiny combine kernel; pass 2: every segment from its true start state).
 * the forward saves the state every 64 steps (B, n_ckpt, N, D) fp32.
 * backward: on CUDA where NVRTC works, the CUDA C++ kernel of ``scan_bwd.cu`` (KERNEL_NOTES v9,
-  launched by ``cuda_scan``) replaces the Triton kernel below; the segment seeds stay here.
+  launched by ``cuda_scan``) replaces the Triton kernel below, and ``scan_fwd.cu``'s
+  ``ssm_adj_local`` the segment seeds' ``_adj_local_kernel`` (v10); the combine stays here.
 * backward, Triton (v3): one program per (batch, block of channels) with 5-D work tiles
   (BL, NI, DW, NL, DL), state n = ni*NL + nl, channel d = dw*DL + dl; the in-chunk recurrence
   is a ``tl.associative_scan`` over the in-register time axis. It walks the checkpoint
