@@ -128,12 +128,11 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
     smem = smem_bytes(ch)
     kern = nvrtc.get_kernel("scan_bwd.cu", expr, dev, smem, (f"-DCH={ch}",))
     n_ck = ckpt.shape[1]
-    with torch.cuda.device(dev):
-        kern((groups * n_blk_g, bsz, S), 2 * ch, smem, [
-            u, delta, z, dout, Af, Bg, Cg, Dv, bias, ckpt, seeds,
-            du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dh0,
-            length, dim, dstate, groups, dg, n_blk_g, n_ck, ck_per,
-        ], dev)
+    kern((groups * n_blk_g, bsz, S), 2 * ch, smem, [
+        u, delta, z, dout, Af, Bg, Cg, Dv, bias, ckpt, seeds,
+        du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dh0,
+        length, dim, dstate, groups, dg, n_blk_g, n_ck, ck_per,
+    ], dev)
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,12 +222,11 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
     kern = nvrtc.get_kernel("scan_fwd.cu", expr, dev, 0,
                             tuple(f"-D{k}={v}" for k, v in sorted(defs.items())))
     n_ck = ckpt.shape[1] if ckpt is not None else 0
-    with torch.cuda.device(dev):
-        kern((groups * n_blk_g, bsz, S), FWD_THREADS, 0, [
-            u, delta, z if not local else None, Af, Brows, Crows if not local else None,
-            Dv if not local else None, bias, h0, out, last, ckpt, dsum,
-            length, dim, dstate, groups, dg, n_blk_g, seg_len, n_ck,
-        ], dev)
+    kern((groups * n_blk_g, bsz, S), FWD_THREADS, 0, [
+        u, delta, z if not local else None, Af, Brows, Crows if not local else None,
+        Dv if not local else None, bias, h0, out, last, ckpt, dsum,
+        length, dim, dstate, groups, dg, n_blk_g, seg_len, n_ck,
+    ], dev)
 
 
 def selective_scan_adj_local_cuda(delta: Tensor, z: Tensor | None, dout: Tensor, A: Tensor,
@@ -253,8 +251,7 @@ def selective_scan_adj_local_cuda(delta: Tensor, z: Tensor | None, dout: Tensor,
         "true" if f else "false" for f in flags) + ">"
     kern = nvrtc.get_kernel("scan_fwd.cu", expr, delta.device, 0,
                             (f"-DMINB={FWD_MIN_BLOCKS}",))
-    with torch.cuda.device(delta.device):
-        kern((groups * n_blk_g, bsz, S), FWD_THREADS, 0, [
-            delta, z, dout, A.to(torch.float32).contiguous(), Crows, bias, local, dsum,
-            length, dim, A.shape[1], groups, dg, n_blk_g, seg_len,
-        ], delta.device)
+    kern((groups * n_blk_g, bsz, S), FWD_THREADS, 0, [
+        delta, z, dout, A.to(torch.float32).contiguous(), Crows, bias, local, dsum,
+        length, dim, A.shape[1], groups, dg, n_blk_g, seg_len,
+    ], delta.device)

@@ -132,7 +132,8 @@ def compile_cubin(source: str, name_expr: str, arch: str, options: tuple[str, ..
 
 
 class Kernel:
-    """One loaded kernel: call it with (grid, block, shared bytes, args)."""
+    """One loaded kernel: call it with (grid, block, shared bytes, args, device); it launches
+    on ``device``'s current PyTorch stream."""
 
     def __init__(self, func: ctypes.c_void_p, module: ctypes.c_void_p, smem_max: int):
         self._func, self._module, self._smem_max = func, module, smem_max
@@ -154,11 +155,14 @@ class Kernel:
                 raise TypeError(f"kernel argument {a!r}: tensor, None or int expected")
         # cuLaunchKernel reads each argument through a pointer to it; vals keeps them alive
         params = (ctypes.c_void_p * len(vals))(*map(ctypes.addressof, vals))
-        stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
         cu = _open_cuda()
-        _check_cu(cu.cuLaunchKernel(self._func, *[ctypes.c_uint(x) for x in grid],
-                                    ctypes.c_uint(block), ctypes.c_uint(1), ctypes.c_uint(1),
-                                    ctypes.c_uint(smem), stream, params, None), "cuLaunchKernel")
+        # the device's context current (the driver launches into it) and its current stream
+        with torch.cuda.device(device):
+            stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+            _check_cu(cu.cuLaunchKernel(self._func, *[ctypes.c_uint(x) for x in grid],
+                                        ctypes.c_uint(block), ctypes.c_uint(1), ctypes.c_uint(1),
+                                        ctypes.c_uint(smem), stream, params, None),
+                      "cuLaunchKernel")
 
 
 def _ensure_context(device: torch.device) -> None:
