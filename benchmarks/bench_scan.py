@@ -164,28 +164,36 @@ def sweep(x, dout, configs_f: list, configs_b: list, reps: int) -> list[dict]:
     return rows
 
 
-def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128,)) -> list[dict]:
-    """The backward's main kernel, CUDA (NVRTC, KERNEL_NOTES v9) at each time-segment count
-    in ``segs`` (0 = its own picker) and Triton at its default, from one forward's
-    checkpoints, seeds pass included (each kernel's own); then the seeds pass alone, Triton and
-    CUDA (v10), at those segment counts."""
+def bwd_kernels(x, dout, segs: list[int], reps: int, chs: tuple[int, ...] = (128,),
+                vers: tuple[int, ...] = (11,)) -> list[dict]:
+    """The backward's main kernel, CUDA (NVRTC) of each version in ``vers`` (KERNEL_NOTES v9,
+    at each block width in ``chs``, and v11) at each time-segment count in ``segs`` (0 = its
+    own picker) and Triton at its default, from one forward's checkpoints, seeds pass included
+    (each kernel's own); then the seeds pass alone, Triton and CUDA (v10), at those segment
+    counts."""
     import alignmamba.ssm.triton_scan as ts
 
     sb = bwd_setup(x)
     cb = ts.pick_config(x["A"].shape[1], x["u"].shape[1], True, 4, 16)
     rows = []
     cs = ts.cuda_scan
-    default_ch = cs.CHANNELS_PER_BLOCK
-    runs = [("triton", None, None)] + [("cuda", s or None, ch) for ch in chs for s in segs]
-    for kernel, seg, ch in runs:
-        cs.CHANNELS_PER_BLOCK = ch or default_ch
+    default_ch, default_ver = cs.CHANNELS_PER_BLOCK, cs.BWD_VERSION
+    runs = [("triton", None, None, None)] + [
+        ("cuda", s or None, ch, v) for v in vers
+        for ch in (chs if v == 9 else (cs.BWD4_CHANNELS_PER_BLOCK,)) for s in segs]
+    for kernel, seg, ch, ver in runs:
+        cs.CHANNELS_PER_BLOCK = ch if ver == 9 else default_ch
+        cs.BWD_VERSION = ver or default_ver
         try:
             ms = median_ms(lambda k=kernel, s=seg: run_bwd(sb, dout, cb, s, k), reps)
+            auto = cs.pick_segments(*x["u"].shape[:2], 1, x["u"].shape[2], x["u"].device)
         finally:
-            cs.CHANNELS_PER_BLOCK = default_ch
-        rows.append({"kernel": kernel, "segments": seg, "channels_per_block": ch, "ms": ms})
-        print(f"  bwd kernel {kernel} channels/block {ch or '-'} segments {seg or 'auto'}: "
-              f"{ms:.3f} ms", flush=True)
+            cs.CHANNELS_PER_BLOCK, cs.BWD_VERSION = default_ch, default_ver
+        rows.append({"kernel": kernel, "version": ver, "segments": seg,
+                     "auto_segments": auto if kernel == "cuda" else None,
+                     "channels_per_block": ch, "ms": ms})
+        print(f"  bwd kernel {kernel} v{ver or '-'} channels/block {ch or '-'} segments "
+              f"{seg or f'auto ({auto})' if kernel == 'cuda' else '-'}: {ms:.3f} ms", flush=True)
     # the seeds pass alone (adjoint past each time segment's end; part of the times above)
     bsz, dim, length = x["u"].shape
     auto = cs.pick_segments(bsz, dim, 1, length, x["u"].device)
@@ -252,7 +260,9 @@ def main() -> None:
                     help="time the CUDA backward at these segment counts (0 = auto) beside "
                          "the Triton one")
     ap.add_argument("--bwd-ch", type=int, nargs="*", default=[128], metavar="CH",
-                    help="channels per block of the CUDA backward for --bwd-segs")
+                    help="channels per block of the v9 CUDA backward for --bwd-segs")
+    ap.add_argument("--bwd-ver", type=int, nargs="*", default=[11], metavar="V",
+                    help="CUDA backward versions for --bwd-segs: 11 (default), 9")
     ap.add_argument("--fwd-segs", type=int, nargs="*", default=None, metavar="S",
                     help="time the CUDA forward at these segment counts (0 = auto) beside "
                          "the Triton one")
@@ -296,7 +306,7 @@ def main() -> None:
         result["fwd_kernels"] = fwd_kernels(x, args.fwd_segs, args.fwd_opts, args.reps)
     if args.bwd_segs is not None:
         result["bwd_kernels"] = bwd_kernels(x, dout, args.bwd_segs, args.reps,
-                                            tuple(args.bwd_ch))
+                                            tuple(args.bwd_ch), tuple(args.bwd_ver))
     if not args.no_torch:
         from alignmamba.ssm.scan import selective_scan_chunked
 

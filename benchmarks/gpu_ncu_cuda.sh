@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute on a CUDA scan kernel: stall reasons, stall samples per SASS line.
 #   OUT=/path bash benchmarks/gpu_ncu_cuda.sh fwd|bwd [args of ncu_fwd.py] (runs here: --length 2048)
-# fwd: the forward (KERNEL_NOTES v10; its inference launch), bwd: the backward (v9).
+# fwd: the forward (KERNEL_NOTES v10; its inference launch), bwd: the backward (the default
+# version, cuda_scan.BWD_VERSION: v11 ssm_bwd4; the regex also matches v9 ssm_bwd).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"; mkdir -p "$OUT"

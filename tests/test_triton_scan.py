@@ -581,26 +581,43 @@ def test_cuda_fwd_segments(h100_props):
 
 
 def test_cuda_bwd_blocks_per_sm():
-    """255 registers a thread leave 8 warps per SM: one block of 128 or 96 channels, two of 64."""
+    """v9: 255 registers a thread leave 8 warps per SM: one block of 128 or 96 channels, two of
+    64. v11: 168 registers and under 75 KB of shared memory leave 3 blocks of 4 warps."""
     cs = ts.cuda_scan
     assert [cs.blocks_per_sm(c) for c in (128, 96, 64)] == [1, 1, 2]
     assert cs.smem_bytes(128) == 2 * 8 * 2 * 256 * 16 + 2 * 64 * 16 * 4 + 2 * 8 * 8 * 32 * 4
+    assert cs.blocks_per_sm4() == 3 and 3 * (cs.smem_bytes4() + 1024) <= 228 * 1024
 
 
 def test_cuda_bwd_segments_balance_waves(h100_props):
-    """The CUDA backward runs one block per SM: S time segments are chosen to minimise
+    """The v9 backward runs one block per SM: S time segments are chosen to minimise
     waves / S (the slowest SM's share of the sequence), at least 4 checkpoints each."""
     cs = ts.cuda_scan
-    assert cs.pick_segments(8, 1536, 1, 16384, torch.device("cpu")) == 1
+    assert cs.pick_segments(8, 1536, 1, 16384, torch.device("cpu"), 9) == 1
     gpu = torch.device("cuda")
-    assert cs.pick_segments(1, 512, 1, 200, gpu) == 1  # 4 checkpoints: cannot cut
+    assert cs.pick_segments(1, 512, 1, 200, gpu, 9) == 1  # 4 checkpoints: cannot cut
     for bsz, dim, length in ((8, 1536, 16384), (1, 512, 10626), (32, 1536, 2048)):
-        s = cs.pick_segments(bsz, dim, 1, length, gpu)
+        s = cs.pick_segments(bsz, dim, 1, length, gpu, 9)
         blocks = bsz * dim // 128
         waves = -(-blocks * s // 132)
         # no other count does better by more than the 3% that a segment must win
         for other in range(1, length // 256 + 1):
             assert -(-blocks * other // 132) / other >= 0.97 * waves / s - 1e-12, (s, other)
+
+
+def test_cuda_bwd4_segments_skip_the_seeds_pass(h100_props):
+    """The v11 backward (3 blocks of 32 channels per SM, 396 on an H100): the issue shape's 384
+    blocks fit one wave, so no time segments and no seeds pass; batch 1 x 512 channels (16
+    blocks) is cut until the blocks fill the SMs; a cut must pay for the seeds pass."""
+    cs = ts.cuda_scan
+    gpu = torch.device("cuda")
+    assert cs.pick_segments(8, 1536, 1, 16384, gpu, 11) == 1
+    assert cs.pick_segments(1, 512, 1, 65536, gpu, 11) == 24  # 16 x 24 = 384 of 396 slots
+    assert cs.pick_segments(1, 512, 1, 200, gpu, 11) == 1
+    assert cs.pick_segments(16, 1536, 1, 16384, gpu, 11) == 1  # 768 blocks: 2 full waves
+    # 576 blocks: a second wave 45% full at S = 1 (cost 2); S = 11 gives 16 full waves,
+    # 1.25 x 16 / 11 = 1.82 with the seeds pass
+    assert cs.pick_segments(12, 1536, 1, 16384, gpu, 11) == 11
 
 
 # cases of the CUDA kernels against float64:
@@ -611,6 +628,9 @@ CUDA_CASES = [
     (1, 384, 16, 1000, 0, False, True, True, True, True, False, 3),  # time segments
     (3, 130, 16, 77, 0, True, True, False, True, False, True, 1),  # a block of 2 channels
     (1, 128, 12, 1030, 4, True, True, True, True, True, True, 4),  # 32-channel groups
+    # 16-byte loads (L % 8 == 0) and a partial last checkpoint segment: v11 once read and wrote
+    # past the rows' end here (KERNEL_NOTES v11)
+    (2, 96, 16, 1000, 0, True, True, True, True, False, False, None),
 ]
 
 
@@ -620,11 +640,13 @@ def _case_id(c: tuple) -> str:
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
 @pytest.mark.parametrize("case", CUDA_CASES, ids=_case_id)
-def test_cuda_backward_matches_float64(case, monkeypatch):
-    """The CUDA backward kernel (KERNEL_NOTES v9): every gradient equals the float64
+@pytest.mark.parametrize("version", [11, 9], ids=["v11", "v9"])
+def test_cuda_backward_matches_float64(case, version, monkeypatch):
+    """The CUDA backward kernels (KERNEL_NOTES v9 and v11): every gradient equals the float64
     recurrence's; lengths not a multiple of 8 (scalar loads) and of 64 (a partial checkpoint
     segment), channel blocks with idle lanes, padded states, seeds, h0, final-state grads."""
     bsz, D, N, L, G, has_d, has_z, has_bias, softplus, last, h0, Sb = case
+    monkeypatch.setattr(ts.cuda_scan, "BWD_VERSION", version)
     calls = []
     real = ts.cuda_scan.selective_scan_bwd_cuda
     monkeypatch.setattr(ts.cuda_scan, "selective_scan_bwd_cuda",
@@ -718,8 +740,9 @@ def test_cuda_seeds_match_triton(dtype, length, has_z, groups):
 @pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
 @pytest.mark.parametrize("ch", [64, 96])
 def test_cuda_backward_other_block_widths(ch, monkeypatch):
-    """Blocks of 64 or 96 channels (benchmarks/bench_scan.py --bwd-ch) give the same gradients:
-    100-channel groups leave a partly idle block either way."""
+    """v9 blocks of 64 or 96 channels (benchmarks/bench_scan.py --bwd-ch) give the same
+    gradients: 100-channel groups leave a partly idle block either way."""
+    monkeypatch.setattr(ts.cuda_scan, "BWD_VERSION", 9)
     monkeypatch.setattr(ts.cuda_scan, "CHANNELS_PER_BLOCK", ch)
     x = make_inputs(2, 200, 16, 300, 2, True, True, True, True, torch.float32, seed=ch)
     out, _, grads = run_with_grads(triton_fn(bwd_kernel="cuda"), x, True, True)

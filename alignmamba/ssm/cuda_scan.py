@@ -6,7 +6,8 @@ kernels when NVRTC works on the device and the call fits the kernels (N <= 16; u
 (and the incoming gradient) of one dtype among fp32/bf16/fp16; checkpoints every 64 steps).
 The backward's segment seeds (each segment's local adjoint, ``ssm_adj_local``) run in CUDA
 with it; the small combine across segments stays Triton. Design: docs/KERNEL_NOTES.md, v9
-(backward) and v10 (forward, seeds).
+(the two-threads-per-channel backward ``ssm_bwd``), v10 (forward, seeds) and v11 (the
+backward in the forward's layout, ``ssm_bwd4``: the default, :data:`BWD_VERSION`).
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from torch import Tensor
 
 from alignmamba.ssm import nvrtc
 
-__all__ = ["SEG", "bwd_supported", "fwd_supported", "pick_fwd_segments", "pick_segments",
+__all__ = ["BWD_VERSION", "SEG", "bwd_supported", "fwd_supported", "pick_fwd_segments", "pick_segments",
            "selective_scan_adj_local_cuda", "selective_scan_bwd_cuda", "selective_scan_fwd_cuda"]
 
 SEG = 64          # checkpoint spacing the kernel walks (the forward's T * CK)
-CHANNELS_PER_BLOCK = 128  # two threads per channel; a multiple of 16 (one warp = 16 channels)
+BWD_VERSION = 11  # backward kernel: 11 = ssm_bwd4 (KERNEL_NOTES v11), 9 = ssm_bwd (v9)
+CHANNELS_PER_BLOCK = 128  # v9: two threads per channel; a multiple of 16 (one warp = 16 channels)
 _NP, _TS, _KS = 16, 8, 8
 
 
@@ -29,6 +31,26 @@ def smem_bytes(ch: int) -> int:
     nt = 2 * ch
     return (_KS * 2 * nt * 16 + _TS * 2 * nt * 16 + 2 * SEG * _NP * 4
             + 2 * (nt // 32) * _TS * 2 * _NP * 4)
+
+
+# v11 (ssm_bwd4): 4 warps x 8 channels, 4 lanes per channel; shared memory as laid out by the
+# SM4_* offsets of scan_bwd.cu (the kernel traps if it is given less)
+BWD4_CHANNELS_PER_BLOCK = 32
+BWD4_THREADS = 128
+BWD4_MIN_BLOCKS = 3       # __launch_bounds__: 168 registers, 3 resident blocks per SM
+BWD_SEEDS_COST = 0.25     # v11 picker: the seeds pass relative to one pass of the main kernel
+
+
+def smem_bytes4() -> int:
+    """Shared memory of an ``ssm_bwd4`` block: B, C rows of a checkpoint segment; (delta,
+    delta u) of its 64 steps per channel; the state at each 8-step sub-chunk's start per lane;
+    per-lane partials (y, then the adjoint's sums) with the gated dout; one step's channel-sum
+    values per warp (two buffers); the warps' sums of a sub-chunk (two buffers)."""
+    floats = (2 * SEG * _NP + 4 * (SEG // 2) * 8 * 4 + (SEG // _TS) * 128 * 4
+              + 4 * 4 * 8 * 20 + 4 * 8 * 12 + 4 * 2 * 8 * 36 + 2 * 4 * 32 * 9)
+    return 4 * floats
+
+
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -65,45 +87,61 @@ def bwd_supported(u: Tensor, delta: Tensor, z: Tensor | None, dstate: int,
         return ok, why
     props = torch.cuda.get_device_properties(u.device)
     have = getattr(props, "shared_memory_per_block_optin", 0)
-    need = smem_bytes(CHANNELS_PER_BLOCK)
+    need = smem_bytes4() if BWD_VERSION == 11 else smem_bytes(CHANNELS_PER_BLOCK)
     if have and have < need:
         return False, f"{need} bytes of shared memory per block needed, the device has {have}"
     return True, ""
 
 
 def blocks_per_sm(ch: int) -> int:
-    """Resident blocks per SM: 255 registers per thread leave 8 warps (ch / 16 per block), and
-    shared memory (228 KB per SM on Hopper, 1 KB of it reserved per block) may allow fewer."""
+    """v9: resident blocks per SM: 255 registers per thread leave 8 warps (ch / 16 per block),
+    and shared memory (228 KB per SM on Hopper, 1 KB of it reserved per block) may allow
+    fewer."""
     return max(1, min(128 // ch, 233472 // (smem_bytes(ch) + 1024)))
 
 
-def pick_segments(bsz: int, dim: int, groups: int, length: int, device: torch.device) -> int:
-    """Time segments for the CUDA backward: a fixed number of blocks per SM run at a time
-    (:func:`blocks_per_sm`), so choose S (whole checkpoint segments, >= 4 each) that minimises
-    waves / S, i.e. the time of the slowest SM; another S must win by 3% (each segment costs a
-    share of the seeds pass)."""
+def blocks_per_sm4() -> int:
+    """v11: resident ``ssm_bwd4`` blocks per SM: the register budget's 3, or fewer if shared
+    memory (228 KB per SM, 1 KB reserved per block) does not hold 3."""
+    return max(1, min(BWD4_MIN_BLOCKS, 233472 // (smem_bytes4() + 1024)))
+
+
+def pick_segments(bsz: int, dim: int, groups: int, length: int, device: torch.device,
+                  version: int | None = None) -> int:
+    """Time segments for the CUDA backward (``version``: 9 or 11, None: :data:`BWD_VERSION`).
+    A fixed number of blocks per SM run at a time (:func:`blocks_per_sm`,
+    :func:`blocks_per_sm4`), so choose S (whole checkpoint segments, >= 4 each) that minimises
+    the time of the slowest SM, waves / S; another S must win by 3%. v11 also charges the seeds
+    pass that any S > 1 needs (BWD_SEEDS_COST of a main pass): at the issue shape its blocks
+    fit in one wave and S = 1 skips it."""
     if device.type != "cuda":
         return 1
+    v11 = (version or BWD_VERSION) == 11
     dg = dim // groups
-    ch = CHANNELS_PER_BLOCK
+    ch = BWD4_CHANNELS_PER_BLOCK if v11 else CHANNELS_PER_BLOCK
     blocks = bsz * groups * -(-dg // ch)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count * blocks_per_sm(ch)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count * (
+        blocks_per_sm4() if v11 else blocks_per_sm(ch))
     n_ck = -(-length // SEG)
+    seeds = BWD_SEEDS_COST if v11 else 0.0
     best, best_cost = 1, float("inf")
     for s in range(1, min(64, max(1, n_ck // 4)) + 1):
-        cost = -(-blocks * s // sms) / s
+        cost = (1 + (seeds if s > 1 else 0.0)) * -(-blocks * s // sms) / s
         if cost < best_cost * 0.97:
             best, best_cost = s, cost
     return best
 
 
 def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, delta_bias, h0,
-                            ckpt, softplus, outs: tuple) -> None:
-    """Launch ``ssm_bwd`` on all (channel block, batch, time segment) at once.
+                            ckpt, softplus, outs: tuple, rows: tuple | None = None,
+                            version: int | None = None) -> None:
+    """Launch the backward kernel of ``version`` (None: :data:`BWD_VERSION`; 11: ``ssm_bwd4``,
+    9: ``ssm_bwd``) on all (channel block, batch, time segment) at once.
 
     Shapes as in ``triton_scan._bwd``: u, delta, z, dout (B, D, L) contiguous, one dtype (as
     ``_bwd`` passes them); A (D, N); Bg, Cg (B, G, N, L) fp32 with contiguous time; ckpt
-    (B, n_ck, N, D); seeds (B, S, D, N) or None.
+    (B, n_ck, N, D); seeds (B, S, D, N) or None. ``rows``: (B, C) as :func:`rows16` makes them,
+    which v11 reads (made here when None).
     ``outs`` as ``_bwd`` allocates them for either kernel: du, ddelta, dz (B, D, L)
     contiguous, dA partials (B*S, D, N), dB, dC (B, G, N, L) fp32 zeroed, dD and d(delta_bias)
     partials (B*S, D), dh0 (B, D, N); None where the input is absent."""
@@ -111,10 +149,14 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     dg = dim // groups
-    ch = CHANNELS_PER_BLOCK
+    v11 = (version or BWD_VERSION) == 11
+    ch = BWD4_CHANNELS_PER_BLOCK if v11 else CHANNELS_PER_BLOCK
     n_blk_g = -(-dg // ch)
     dev, f32 = u.device, torch.float32
-    Bg, Cg = Bg.contiguous(), Cg.contiguous()
+    if v11:
+        Bg, Cg = rows if rows is not None else (rows16(Bg), rows16(Cg))
+    else:
+        Bg, Cg = Bg.contiguous(), Cg.contiguous()
     Af = A.to(f32).contiguous()
     Dv = D.to(f32).contiguous() if D is not None else None
     bias = delta_bias.to(f32).contiguous() if delta_bias is not None else None
@@ -123,12 +165,14 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
     vec = length % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in streams)
     flags = (D is not None, z is not None, bias is not None, bool(softplus), h0 is not None,
              seeds is not None, vec)
-    expr = f"ssm_bwd<{_DTYPES[u.dtype]}, " + ", ".join("true" if f else "false"
-                                                       for f in flags) + ">"
-    smem = smem_bytes(ch)
-    kern = nvrtc.get_kernel("scan_bwd.cu", expr, dev, smem, (f"-DCH={ch}",))
+    name = "ssm_bwd4" if v11 else "ssm_bwd"
+    expr = f"{name}<{_DTYPES[u.dtype]}, " + ", ".join("true" if f else "false"
+                                                      for f in flags) + ">"
+    smem = smem_bytes4() if v11 else smem_bytes(ch)
+    opts = (f"-DMINB4={BWD4_MIN_BLOCKS}",) if v11 else (f"-DCH={ch}",)
+    kern = nvrtc.get_kernel("scan_bwd.cu", expr, dev, smem, opts)
     n_ck = ckpt.shape[1]
-    kern((groups * n_blk_g, bsz, S), 2 * ch, smem, [
+    kern((groups * n_blk_g, bsz, S), BWD4_THREADS if v11 else 2 * ch, smem, [
         u, delta, z, dout, Af, Bg, Cg, Dv, bias, ckpt, seeds,
         du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dh0,
         length, dim, dstate, groups, dg, n_blk_g, n_ck, ck_per,

@@ -940,13 +940,15 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
 
 
 def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int,
-               segments: int, kernel: str = "triton") -> tuple[Tensor | None, int, int]:
+               segments: int, kernel: str = "triton",
+               crows: Tensor | None = None) -> tuple[Tensor | None, int, int]:
     """Passes 1-2 of the segment-parallel backward: the adjoint seed past the end of each of
     ``segments`` time segments (whole checkpoint segments of ``step`` steps), (B, S, D, N),
     from each segment's local adjoint and the reverse combine. The local adjoints come from
     ``cuda_scan.selective_scan_adj_local_cuda`` when ``kernel`` is "cuda"/"cuda-auto" (its
-    NvrtcError propagates to ``_bwd``), else from ``_adj_local_kernel``. Returns (seeds or
-    dlast, S, checkpoint segments per time segment)."""
+    NvrtcError propagates to ``_bwd``; ``crows``: C as ``cuda_scan.rows16`` makes it, made
+    here when None), else from ``_adj_local_kernel``. Returns (seeds or dlast, S, checkpoint
+    segments per time segment)."""
     bsz, dim, length = delta.shape
     n_ck = _cdiv(length, step)
     ck_per = _cdiv(n_ck, max(1, segments))
@@ -958,9 +960,9 @@ def _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus, step: int
     local = torch.empty(bsz, S, dim, dstate, device=dev, dtype=f32)
     dsum = torch.empty(bsz, S, dim, device=dev, dtype=f32)
     if kernel in ("cuda", "cuda-auto"):  # _bwd made the streams contiguous, dout in their dtype
-        cuda_scan.selective_scan_adj_local_cuda(delta, z, dout, A, cuda_scan.rows16(Cg),
-                                                delta_bias, softplus, local, dsum, S,
-                                                ck_per * step)
+        crows = crows if crows is not None else cuda_scan.rows16(Cg)
+        cuda_scan.selective_scan_adj_local_cuda(delta, z, dout, A, crows, delta_bias, softplus,
+                                                local, dsum, S, ck_per * step)
     else:
         cfg1 = pick_fwd_config(dim // groups)
         Cf = _rows_bc(Cg, cfg1.T)
@@ -1072,11 +1074,15 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
         u, delta, dout = u.contiguous(), delta.contiguous(), dout.to(u.dtype).contiguous()
         z = z.contiguous() if z is not None else None
         try:
+            # B, C one row of states per step: the seeds pass reads C so, and v11 both
+            rows = (cuda_scan.rows16(Bg) if cuda_scan.BWD_VERSION == 11 else None,
+                    cuda_scan.rows16(Cg))
             seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
-                                          step, max(1, int(segments)), kernel)
+                                          step, max(1, int(segments)), kernel, rows[1])
             outs = _bwd_outputs(u, delta, z, D, delta_bias, h0, groups, dstate, S)
             cuda_scan.selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z,
-                                              delta_bias, h0, ckpt, softplus, outs)
+                                              delta_bias, h0, ckpt, softplus, outs,
+                                              rows if rows[0] is not None else None)
         except nvrtc.NvrtcError as exc:
             _cuda_failed("bwd", kernel, exc, u.device)
             return _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
