@@ -44,10 +44,10 @@ BWD_SEEDS_COST = 0.25     # v11 picker: the seeds pass relative to one pass of t
 def smem_bytes4() -> int:
     """Shared memory of an ``ssm_bwd4`` block: B, C rows of a checkpoint segment; (delta,
     delta u) of its 64 steps per channel; the state at each 8-step sub-chunk's start per lane;
-    per-lane partials (y, then the adjoint's sums) with the gated dout; one step's channel-sum
-    values per warp (two buffers); the warps' sums of a sub-chunk (two buffers)."""
+    per-lane partials (y, then the adjoint's sums); the gated dout; the warps' channel sums of
+    a sub-chunk (two buffers)."""
     floats = (2 * SEG * _NP + 4 * (SEG // 2) * 8 * 4 + (SEG // _TS) * 128 * 4
-              + 4 * 4 * 8 * 20 + 4 * 8 * 12 + 4 * 2 * 8 * 36 + 2 * 4 * 32 * 9)
+              + 4 * 4 * 8 * 20 + 4 * 8 * 12 + 2 * 4 * 32 * 9)
     return 4 * floats
 
 

@@ -36,8 +36,8 @@
 // One level of the transpose-reduce: lanes l and l ^ W exchange halves of v[0, 2W): the lane
 // with bit W set keeps v[W, 2W), the other v[0, W); each adds its partner's copy. W is a
 // template constant so that every index is static (no dynamic register indexing).
-template <int W>
-__device__ __forceinline__ void xreduce_level(float (&v)[16], bool up) {
+template <int W, int M>
+__device__ __forceinline__ void xreduce_level(float (&v)[M], bool up) {
 #pragma unroll
     for (int i = 0; i < W; ++i) {
         const float send = up ? v[i] : v[i + W];
@@ -359,8 +359,8 @@ __global__ void __launch_bounds__(NT, 1) ssm_bwd(
 //   G  lane q owns steps 2q, 2q+1: y from the 4 lanes' partials, dz, the gated dout g (sG);
 //   J  the adjoint walks the 8 steps backwards (s = C g + exp(delta' A) s'), accumulating dA
 //      and per-lane partials of sum_n s B and sum_n s e A (sP); the channel sums dB, dC of
-//      each step go through shared memory (sR: each lane writes its 8 values, lane i sums
-//      value i over the warp's 8 channels), the 4 warps' sums through sRB;
+//      each step by a transpose-reduce over the 8 lanes of a state group (shuffles: the
+//      shared-memory pipe is the busiest unit), the 4 warps' sums through sRB;
 //   F  lane q: du and ddelta of its 2 steps; then one fp32 atomic per (kind, state, step)
 //      per block adds the block's dB, dC to global memory.
 #define Q4 4          // lanes (state groups) per channel
@@ -372,7 +372,6 @@ __global__ void __launch_bounds__(NT, 1) ssm_bwd(
 #define NSUB (SEG / TS)  // sub-chunks per checkpoint segment
 #define PROW 20       // floats per (q, c) row of sP: 8 steps x 2 + padding (banks)
 #define GROW 12       // floats per channel row of sG: 8 steps + padding
-#define RROW 36       // floats per channel row of sR: 32 values + padding
 #define RBROW 9       // floats per value row of sRB: 8 steps + padding
 #ifndef MINB4
 #define MINB4 3       // resident blocks per SM the register budget must allow
@@ -383,8 +382,7 @@ __global__ void __launch_bounds__(NT, 1) ssm_bwd(
 #define SM4_H (SM4_X + W4 * (SEG / 2) * C4 * 4)      // [NSUB][NT4] float4: sub-chunk states
 #define SM4_P (SM4_H + NSUB * NT4 * 4)               // [W4][Q4 * C4][PROW]: partials
 #define SM4_G (SM4_P + W4 * Q4 * C4 * PROW)          // [W4][C4][GROW]: gated dout
-#define SM4_R (SM4_G + W4 * C4 * GROW)               // [W4][2][C4][RROW]: one step's values
-#define SM4_RB (SM4_R + W4 * 2 * C4 * RROW)          // [2][W4][32][RBROW]: warps' sums
+#define SM4_RB (SM4_G + W4 * C4 * GROW)              // [2][W4][32][RBROW]: warps' sums
 #define SM4_END (SM4_RB + 2 * W4 * 32 * RBROW)
 
 // Two consecutive steps of one row at p (an even step when VEC); rem = steps of the row from p
@@ -461,7 +459,6 @@ __global__ void __launch_bounds__(NT4, MINB4) ssm_bwd4(
     float4* const sH = smem4 + SM4_H / 4;
     float* const sP = smf + SM4_P;
     float* const sG = smf + SM4_G;
-    float* const sR = smf + SM4_R;
     float* const sRB = smf + SM4_RB;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -513,7 +510,9 @@ __global__ void __launch_bounds__(NT4, MINB4) ssm_bwd4(
     float4* const sXw = sX + warp * (SEG / 2) * C4;  // this warp's (delta, x) pairs
     float* const sPw = sP + warp * Q4 * C4 * PROW;
     float* const sGc = sG + (warp * C4 + c) * GROW;
-    float* const sRw = sR + warp * 2 * C4 * RROW;
+    // after the transpose-reduce lane (q, c) holds the warp's sum of value c of its state
+    // group: kind c >> 2 (dB, dC), state 4q + (c & 3); i = kind * 16 + state
+    const int i_sum = (c >> 2) * 16 + S4 * q + (c & 3);
     int rb = 0;
 
 #pragma unroll 1
@@ -724,16 +723,13 @@ __global__ void __launch_bounds__(NT4, MINB4) ssm_bwd4(
                     *reinterpret_cast<float4*>(prow + 2 * st) =
                         make_float4(pacc[0], pacc[1], pacc[2], pacc[3]);
                 }
-                // this step's dB, dC summed over the warp's 8 channels: lane i = kind * 16 + n
-                // sums value i of the 8 channel rows (two buffers: one barrier per step)
-                float* const sRs = sRw + (st & 1) * C4 * RROW;
-                *reinterpret_cast<float4*>(sRs + c * RROW + S4 * q) = make_float4(vB[0], vB[1], vB[2], vB[3]);
-                *reinterpret_cast<float4*>(sRs + c * RROW + 16 + S4 * q) = make_float4(vC[0], vC[1], vC[2], vC[3]);
-                __syncwarp();
-                float acc = 0.f;
-#pragma unroll
-                for (int cc = 0; cc < C4; ++cc) acc += sRs[cc * RROW + lane];
-                sRB[((rb * W4 + warp) * 32 + lane) * RBROW + st] = acc;
+                // this step's dB, dC summed over the warp's 8 channels (lanes c = 0..7 of this
+                // state group: xor 4, 2, 1), 7 shuffles for the 8 values
+                float v[2 * S4] = {vB[0], vB[1], vB[2], vB[3], vC[0], vC[1], vC[2], vC[3]};
+                xreduce_level<4>(v, (c & 4) != 0);
+                xreduce_level<2>(v, (c & 2) != 0);
+                xreduce_level<1>(v, (c & 1) != 0);
+                sRB[((rb * W4 + warp) * 32 + i_sum) * RBROW + st] = v[0];
             }
             __syncwarp();  // the partials of sum_n s B and sum_n s e A are in sP
 
