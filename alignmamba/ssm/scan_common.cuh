@@ -103,31 +103,65 @@ __device__ __forceinline__ void raw_unpack(const Raw<DT>& r, float (&out)[TS]) {
     }
 }
 
-// TS consecutive steps of one row starting at p, nv of them valid (the rest read as 0), one
+// TS consecutive steps of one row starting at p, nv of them valid (the rest read as fill), one
 // element at a time: rows that are not 16-byte aligned, and the sequence's partial last
 // sub-chunk (whole aligned sub-chunks go through raw_load / raw_unpack)
 template <int DT>
-__device__ __forceinline__ void load_ts(const typename Elem<DT>::T* p, int nv, float (&out)[TS]) {
+__device__ __forceinline__ void load_ts(const typename Elem<DT>::T* p, int nv, float (&out)[TS],
+                                        float fill = 0.f) {
 #pragma unroll
-    for (int i = 0; i < TS; ++i) out[i] = i < nv ? Elem<DT>::f(p[i]) : 0.f;
+    for (int i = 0; i < TS; ++i) out[i] = i < nv ? Elem<DT>::f(p[i]) : fill;
 }
 
+// TS consecutive steps of one row starting at p, the first nv of them (nv may be <= 0 or exceed
+// TS) stored: one 16-byte store when all TS are valid and VEC, else one element at a time.
+// Callers pass the unclamped count: nv = max(0, min(TS, x)) followed by nv == TS compiled to a
+// VIMNMX whose predicate output chose the wrong path (KERNEL_NOTES v11, v10c).
 template <int DT, bool VEC>
 __device__ __forceinline__ void store_ts(typename Elem<DT>::T* p, int nv, const float (&v)[TS]) {
-    if (VEC && nv == TS) {
+    if (VEC && nv >= TS) {
         if constexpr (DT == 0) {
-            *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-            *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+            asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(v[0]), "f"(v[1]),
+                         "f"(v[2]), "f"(v[3]) : "memory");
+            asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p + 4), "f"(v[4]),
+                         "f"(v[5]), "f"(v[6]), "f"(v[7]) : "memory");
         } else {
+            // explicit 16-byte store: a uint4 assignment compiled to four 4-byte stores
             unsigned w[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i)
                 w[i] = (unsigned)Elem<DT>::t(v[2 * i]) | ((unsigned)Elem<DT>::t(v[2 * i + 1]) << 16);
-            *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+            asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(w[0]), "r"(w[1]),
+                         "r"(w[2]), "r"(w[3]) : "memory");
         }
     } else {
 #pragma unroll
         for (int i = 0; i < TS; ++i)
             if (i < nv) p[i] = Elem<DT>::t(v[i]);
     }
+}
+
+// mbarrier in shared memory (sm_80+): a block-wide "all have written" signal that does not make
+// the arriving threads wait (ssm_fwd stages the next chunk's B/C rows with it, KERNEL_NOTES v10c)
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared.b64 [%0], %1;" :: "r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    unsigned long long state;
+    asm volatile("mbarrier.arrive.shared.b64 %0, [%1];" : "=l"(state) : "r"(smem_u32(bar)) : "memory");
+}
+// until the phase of `parity` (0, 1, 0, ... for the barrier's successive phases) has completed
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile(
+        "{\n\t.reg .pred done;\n"
+        "MBAR_WAIT:\n\t"
+#if __CUDA_ARCH__ >= 900
+        "mbarrier.try_wait.parity.shared.b64 done, [%0], %1;\n\t"
+#else
+        "mbarrier.test_wait.parity.shared.b64 done, [%0], %1;\n\t"
+#endif
+        "@!done bra MBAR_WAIT;\n}" :: "r"(smem_u32(bar)), "r"(parity) : "memory");
 }

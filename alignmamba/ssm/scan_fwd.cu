@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
     __shared__ float4 sBC[2][2][CHUNK * NP / 4];  // [buf][B, C][step * 4 + q]
     __shared__ float4 sX[FW][CHUNK / 2][CW];      // (delta, delta u) of two steps per channel
     __shared__ float4 sY[FW][QG * CW * YROW];     // partial y: [q][c][32 steps + padding]
+    __shared__ unsigned long long sBar[2];        // sBC[buf] written by all 128 threads
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int q = lane >> 3, c = lane & 7;
@@ -105,35 +106,49 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
                            : zero;
     };
     const int my = q * TS;  // this lane's first step in a chunk
+    // The chunk's B/C rows are staged by all 128 threads into sBC[buf]; readers wait on the
+    // mbarrier sBar[buf] (one phase per chunk of that parity), and each thread stages the next
+    // chunk's rows right after its own reads of the current ones, so a warp that is ahead
+    // waits only for the others' staging, not for them to reach a barrier (a __syncthreads per
+    // chunk was 6% of the stall samples, ncu run 1 of the seventh session). The other buffer
+    // is free by then: every thread arrived on this chunk's barrier after reading it.
+    if (tid == 0) {
+        mbar_init(&sBar[0], FW * 32);
+        mbar_init(&sBar[1], FW * 32);
+    }
+    __syncthreads();
     float4 nb, nc;
     Raw<DT> ru, rd, rz;
     load_bc(l_beg, nb, nc);
+    sBC[0][0][tid] = nb;
+    if (!LOCAL) sBC[0][1][tid] = nc;
+    mbar_arrive(&sBar[0]);
+    if (l_beg + CHUNK < l_end) load_bc(l_beg + CHUNK, nb, nc);
     bool next_full = VEC && l_beg + CHUNK <= l_end;
     if (next_full) {
         ru = raw_load<DT>(u + row + l_beg + my);
         rd = raw_load<DT>(dt + row + l_beg + my);
         if (!LOCAL && HAS_Z) rz = raw_load<DT>(z + row + l_beg + my);
     }
-    int buf = 0;
 
-    for (int t0 = l_beg; t0 < l_end; t0 += CHUNK) {
-        // stage this chunk's B, C rows; load the next chunk's rows and streams
+    for (int t0 = l_beg, k = 0; t0 < l_end; t0 += CHUNK, ++k) {
+        const int buf = k & 1;
         __syncwarp();  // every lane of the warp is done reading the last chunk's sX
-        sBC[buf][0][tid] = nb;
-        if (!LOCAL) sBC[buf][1][tid] = nc;
-        const int nv = max(0, min(TS, l_end - t0 - my));  // valid steps of this lane's 8
+        // steps of this lane's 8 that are in the segment (<= 0 or > 8 at its ends; compared
+        // unclamped, see store_ts)
+        const int rem = l_end - t0 - my;
         float uu[TS], rr[TS], zz[TS];
         if (next_full) {
             raw_unpack<DT>(ru, uu);
             raw_unpack<DT>(rd, rr);
             if (!LOCAL && HAS_Z) raw_unpack<DT>(rz, zz);
         } else {
-            load_ts<DT>(u + row + t0 + my, nv, uu);
-            load_ts<DT>(dt + row + t0 + my, nv, rr);
-            if (!LOCAL && HAS_Z) load_ts<DT>(z + row + t0 + my, nv, zz);
+            // dt past the end reads as -inf: softplus gives delta = 0 exactly, no mask needed
+            load_ts<DT>(u + row + t0 + my, rem, uu);
+            load_ts<DT>(dt + row + t0 + my, rem, rr, SOFTPLUS ? __int_as_float(0xff800000) : 0.f);
+            if (!LOCAL && HAS_Z) load_ts<DT>(z + row + t0 + my, rem, zz);
         }
         const int t1 = t0 + CHUNK;
-        if (t1 < l_end) load_bc(t1, nb, nc);
         next_full = VEC && t1 + CHUNK <= l_end;
         if (next_full) {
             ru = raw_load<DT>(u + row + t1 + my);
@@ -150,9 +165,9 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
         float dl[TS];
 #pragma unroll
         for (int i = 0; i < TS; ++i) {
-            // masked by a multiply: a select lets nvcc branch around softplus on every step
+            // without softplus, masked by a multiply (a select let nvcc branch on every step)
             const float r = rr[i] + bias_v;
-            const float delta = (SOFTPLUS ? softplus(r) : r) * (i < nv ? 1.f : 0.f);
+            const float delta = SOFTPLUS ? softplus(r) : r * (i < rem ? 1.f : 0.f);
             dl[i] = delta;
             if (LOCAL) dsum_acc += delta;
         }
@@ -166,7 +181,8 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
                 if (n < N) ckpt[(((long)b * n_ck + t0 / CKS) * N + n) * D + d] = h[j];
             }
         }
-        __syncthreads();  // sBC[buf] and sX complete
+        __syncwarp();                           // sX complete (written by this warp)
+        mbar_wait(&sBar[buf], (k >> 1) & 1);    // sBC[buf] complete
 
         // 2. the chunk's 32 steps for this lane's 4 states, in groups of GS steps, software-
         // pipelined: group g+1's shared-memory loads and GS x 4 exp2 (which do not depend on
@@ -230,6 +246,14 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
             }
         }
 
+        // this thread is done with sBC[buf]: stage the next chunk's rows in the other buffer
+        if (t1 < l_end) {
+            sBC[buf ^ 1][0][tid] = nb;
+            if (!LOCAL) sBC[buf ^ 1][1][tid] = nc;
+            mbar_arrive(&sBar[buf ^ 1]);
+            if (t1 + CHUNK < l_end) load_bc(t1 + CHUNK, nb, nc);
+        }
+
         // 3. y of this lane's 8 steps summed over the channel's 4 lanes, then D and the gate
         if (!LOCAL) {
             __syncwarp();
@@ -247,9 +271,8 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
 #pragma unroll
                 for (int i = 0; i < TS; ++i) y[i] *= zz[i] * sigmoid(zz[i]);
             }
-            if (valid && nv > 0) store_ts<DT, VEC>(out + row + t0 + my, nv, y);
+            if (valid && rem > 0) store_ts<DT, VEC>(out + row + t0 + my, rem, y);
         }
-        buf ^= 1;  // the other buffer's readers passed this chunk's barrier
     }
 
     if (valid) {
