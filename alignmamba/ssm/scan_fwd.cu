@@ -309,6 +309,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_adj_local(
     int L, int D, int N, int G, int Dg, int n_blk_g, int seg_len) {
     __shared__ float4 sC[2][CHUNK * NP / 4];      // [buf][step * 4 + q]
     __shared__ float4 sX[FW][CHUNK / 2][CW];      // (delta, dy) of two steps per channel
+    __shared__ unsigned long long sBar[2];        // sC[buf] written by all 128 threads
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int q = lane >> 3, c = lane & 7;
@@ -346,7 +347,16 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_adj_local(
     const int my = q * TS;
     const int n_chunks = (l_end - l_beg + CHUNK - 1) / CHUNK;
     int t0 = l_beg + (n_chunks - 1) * CHUNK;  // chunks from the last
+    // C rows staged through two mbarriers as in ssm_fwd (KERNEL_NOTES v10c)
+    if (tid == 0) {
+        mbar_init(&sBar[0], FW * 32);
+        mbar_init(&sBar[1], FW * 32);
+    }
+    __syncthreads();
     float4 nc = load_c(t0);
+    sC[0][tid] = nc;
+    mbar_arrive(&sBar[0]);
+    if (t0 - CHUNK >= l_beg) nc = load_c(t0 - CHUNK);
     Raw<DT> rd, rg, rz;
     bool next_full = VEC && t0 + CHUNK <= l_end;
     if (next_full) {
@@ -354,26 +364,25 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_adj_local(
         rg = raw_load<DT>(dout + row + t0 + my);
         if (HAS_Z) rz = raw_load<DT>(z + row + t0 + my);
     }
-    int buf = 0;
     float dn = 0.f;  // delta of the step after the current one (the later chunk's first)
 
-    for (; t0 >= l_beg; t0 -= CHUNK) {
+    for (int k = 0; t0 >= l_beg; t0 -= CHUNK, ++k) {
+        const int buf = k & 1;
         __syncwarp();  // every lane of the warp is done reading the last chunk's sX
-        sC[buf][tid] = nc;
-        const int nv = max(0, min(TS, l_end - t0 - my));
+        const int rem = l_end - t0 - my;  // unclamped, see store_ts
         float rr[TS], gg[TS], zz[TS];
         if (next_full) {
             raw_unpack<DT>(rd, rr);
             raw_unpack<DT>(rg, gg);
             if (HAS_Z) raw_unpack<DT>(rz, zz);
         } else {
-            load_ts<DT>(dt + row + t0 + my, nv, rr);
-            load_ts<DT>(dout + row + t0 + my, nv, gg);
-            if (HAS_Z) load_ts<DT>(z + row + t0 + my, nv, zz);
+            // dt past the end reads as -inf (softplus: delta = 0), dout as 0 (dy = 0)
+            load_ts<DT>(dt + row + t0 + my, rem, rr, SOFTPLUS ? __int_as_float(0xff800000) : 0.f);
+            load_ts<DT>(dout + row + t0 + my, rem, gg);
+            if (HAS_Z) load_ts<DT>(z + row + t0 + my, rem, zz);
         }
         const int t1 = t0 - CHUNK;  // the chunk before (whole: only the last can be partial)
         if (t1 >= l_beg) {
-            nc = load_c(t1);
             next_full = VEC;
             if (next_full) {
                 rd = raw_load<DT>(dt + row + t1 + my);
@@ -391,16 +400,16 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_adj_local(
         float dl[TS], dy[TS];
 #pragma unroll
         for (int i = 0; i < TS; ++i) {
-            const float m = i < nv ? 1.f : 0.f;
             const float r = rr[i] + bias_v;
-            dl[i] = (SOFTPLUS ? softplus(r) : r) * m;
+            dl[i] = SOFTPLUS ? softplus(r) : r * (i < rem ? 1.f : 0.f);
             dsum_acc += dl[i];
-            dy[i] = HAS_Z ? gg[i] * zz[i] * sigmoid(zz[i]) * m : gg[i] * m;
+            dy[i] = HAS_Z ? gg[i] * zz[i] * sigmoid(zz[i]) : gg[i];
         }
 #pragma unroll
         for (int i = 0; i < TS; i += 2)
             sX[warp][(my + i) >> 1][c] = make_float4(dl[i], dy[i], dl[i + 1], dy[i + 1]);
-        __syncthreads();  // sC[buf] and sX complete
+        __syncwarp();                           // sX complete (written by this warp)
+        mbar_wait(&sBar[buf], (k >> 1) & 1);    // sC[buf] complete
 
         // 2. the chunk's 32 steps backwards, in groups of 4, pipelined as in ssm_fwd: group
         // g-1's loads and exp2 (of the deltas one step later) before group g's updates
@@ -446,7 +455,12 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_adj_local(
             }
             if (tg > 0) dfirst = nfirst;
         }
-        buf ^= 1;
+        // this thread is done with sC[buf]: stage the chunk before's rows in the other buffer
+        if (t1 >= l_beg) {
+            sC[buf ^ 1][tid] = nc;
+            mbar_arrive(&sBar[buf ^ 1]);
+            if (t1 - CHUNK >= l_beg) nc = load_c(t1 - CHUNK);
+        }
     }
 
     if (valid) {
