@@ -64,12 +64,22 @@ def _supported(u: Tensor, delta: Tensor, z: Tensor | None, dstate: int,
     dts = {t.dtype for t in (u, delta, z) if t is not None}
     if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
         return False, f"u/delta/z dtypes {sorted(map(str, dts))} (one of fp32/bf16/fp16 needed)"
-    ok, why = nvrtc.available(u.device)
-    if not ok:
-        return False, why
-    if torch.cuda.get_device_capability(u.device) < (8, 0):
-        return False, "compute capability < 8.0"
-    return True, ""
+    return _device_supported(u.device)
+
+
+_DEVICE_OK: dict[torch.device, tuple[bool, str]] = {}
+
+
+def _device_supported(device: torch.device) -> tuple[bool, str]:
+    """NVRTC and the driver reachable, compute capability >= 8.0 (asked once per device: this
+    runs on every scan call)."""
+    res = _DEVICE_OK.get(device)
+    if res is None:
+        ok, why = nvrtc.available(device)
+        if ok and torch.cuda.get_device_capability(device) < (8, 0):
+            ok, why = False, "compute capability < 8.0"
+        res = _DEVICE_OK[device] = (ok, why)
+    return res
 
 
 def fwd_supported(u: Tensor, delta: Tensor, z: Tensor | None, dstate: int,

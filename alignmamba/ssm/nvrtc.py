@@ -142,27 +142,51 @@ class Kernel:
                  device: torch.device) -> None:
         if smem > self._smem_max:
             raise NvrtcError(f"kernel needs {smem} bytes of shared memory, set for {self._smem_max}")
-        # host time matters here (a launch per scan call; benchmarks/host_overhead.py)
-        vals = []
+        # host time matters here (a launch per scan call; benchmarks/host_overhead.py): every
+        # argument goes into one array of 8-byte slots, and cuLaunchKernel reads each through a
+        # pointer into it (an int parameter reads the low 4 bytes of its slot: little endian)
+        raw = []
         for a in args:
             if type(a) is int:
-                vals.append(ctypes.c_int(a))
+                raw.append(a & 0xFFFFFFFFFFFFFFFF)
             elif a is None:
-                vals.append(ctypes.c_void_p(0))
+                raw.append(0)
             elif isinstance(a, torch.Tensor):
-                vals.append(ctypes.c_void_p(a.data_ptr()))
+                raw.append(a.data_ptr())
             else:
                 raise TypeError(f"kernel argument {a!r}: tensor, None or int expected")
-        # cuLaunchKernel reads each argument through a pointer to it; vals keeps them alive
-        params = (ctypes.c_void_p * len(vals))(*map(ctypes.addressof, vals))
-        cu = _open_cuda()
-        # the device's context current (the driver launches into it) and its current stream
-        with torch.cuda.device(device):
-            stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-            _check_cu(cu.cuLaunchKernel(self._func, *[ctypes.c_uint(x) for x in grid],
-                                        ctypes.c_uint(block), ctypes.c_uint(1), ctypes.c_uint(1),
-                                        ctypes.c_uint(smem), stream, params, None),
-                      "cuLaunchKernel")
+        n = len(raw)
+        vals = (ctypes.c_uint64 * n)(*raw)
+        base = ctypes.addressof(vals)
+        params = (ctypes.c_void_p * n)(*range(base, base + 8 * n, 8))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # the driver launches into this thread's current context: the device's primary context
+        # must be current (a thread that has not touched CUDA yet gets it made current here)
+        if index == torch.cuda.current_device():
+            if not _has_context():
+                _ensure_context(torch.device("cuda", index))
+            self._run(grid, block, smem, params, torch.cuda.current_stream().cuda_stream)
+        else:
+            with torch.cuda.device(index):
+                _ensure_context(torch.device("cuda", index))
+                self._run(grid, block, smem, params, torch.cuda.current_stream().cuda_stream)
+
+    def _run(self, grid: tuple[int, int, int], block: int, smem: int, params, stream: int) -> None:
+        _check_cu(_launch_fn()(self._func, grid[0], grid[1], grid[2], block, 1, 1, smem, stream,
+                               params, None), "cuLaunchKernel")
+
+
+def _launch_fn():
+    """cuLaunchKernel with its argument types declared (plain ints convert without wrappers)."""
+    launch = _open_cuda().cuLaunchKernel
+    if launch.argtypes is None:
+        launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    return launch
+
+
+def _has_context() -> bool:
+    ctx = ctypes.c_void_p()
+    return _open_cuda().cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and bool(ctx.value)
 
 
 def _ensure_context(device: torch.device) -> None:
