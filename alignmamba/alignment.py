@@ -21,11 +21,15 @@ Masks are boolean, True = real token, shape (B, T); padding sits at the back.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import AlignMambaError
 
 __all__ = [
     "cosine_cost",
@@ -46,6 +50,66 @@ __all__ = [
 # of launches and a launch-bound forward). An int gives square (tile x tile) blocks.
 TILE_BUDGET = 1 << 24
 DEFAULT_TILE: int | None = None
+
+# The relaxed-OT argmax: "torch" (the tiling below), "triton" (alignmamba.ot_kernel: each
+# block of similarities stays in registers), "auto" (Triton for CUDA tensors whose products
+# run in bf16/fp16, i.e. under autocast, when importable; else torch: in fp32 cuBLAS's matmul
+# beats the kernel's exact fp32 products, BENCHMARKS.md). The environment variable replaces
+# "auto".
+OT_KERNELS = ("auto", "torch", "triton")
+ENV_OT_KERNEL = "ALIGNMAMBA_OT_KERNEL"
+_ot_argmax_fn: list = []  # [ot_argmax or None] once the import was tried
+_warned: set[str] = set()
+
+
+def _load_ot_argmax():
+    if not _ot_argmax_fn:
+        try:
+            from .ot_kernel import ot_argmax
+        except (ImportError, RuntimeError, OSError):  # no usable Triton: the torch tiling
+            ot_argmax = None
+        _ot_argmax_fn.append(ot_argmax)
+    return _ot_argmax_fn[0]
+
+
+def _pick_ot_kernel(kernel: str | None, device: torch.device, dtype: torch.dtype):
+    """The fused argmax to call, or None for the torch tiling (``kernel``: OT_KERNELS;
+    ``dtype``: the one the similarities' products run in)."""
+    name, source = ("auto" if kernel is None else str(kernel)), "kernel"
+    if name == "auto":
+        env = os.environ.get(ENV_OT_KERNEL, "").strip()
+        if env:
+            name, source = env, ENV_OT_KERNEL
+    if name not in OT_KERNELS:
+        raise AlignMambaError(f"relaxed_ot_assign: {source}={name!r} is not one of "
+                              f"{', '.join(OT_KERNELS)}")
+    if name == "torch" or (name == "auto" and (device.type != "cuda"
+                                               or dtype not in (torch.bfloat16, torch.float16))):
+        return None
+    fn = _load_ot_argmax()
+    if name == "triton":
+        if fn is None:
+            raise AlignMambaError(f"relaxed_ot_assign: {source}='triton' but Triton is not "
+                                  "importable; use 'torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise AlignMambaError(f"relaxed_ot_assign: {source}='triton' needs CUDA tensors, "
+                                  f"got device {device}")
+    elif fn is None and "ot" not in _warned:
+        _warned.add("ot")
+        warnings.warn("alignmamba: fused OT argmax unavailable (Triton not importable); using "
+                      "the torch tiling", RuntimeWarning, stacklevel=3)
+    return fn
+
+
+def _matmul_dtype(t: Tensor) -> torch.dtype:
+    """The dtype torch's matmul would compute ``t @ t'`` in here (autocast's, when enabled)."""
+    dev = t.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError):  # torch < 2.4: no per-device autocast queries
+        pass
+    return t.dtype
 
 
 def _tiles(batch: int, n: int, m: int, tile: int | None) -> tuple[int, int]:
@@ -121,7 +185,8 @@ def relaxed_ot_plan(src: Tensor, anchor: Tensor, src_mask: Tensor | None = None,
 @torch.no_grad()
 def relaxed_ot_assign(src: Tensor, anchor: Tensor, src_mask: Tensor | None = None,
                       anchor_mask: Tensor | None = None, time_beta: float = 0.0,
-                      tile: int | None = DEFAULT_TILE) -> tuple[Tensor, Tensor]:
+                      tile: int | None = DEFAULT_TILE,
+                      kernel: str | None = None) -> tuple[Tensor, Tensor]:
     """The plan of eq. 5 in sparse form, in linear memory.
 
     Returns ``(index, weight)``, both (B, T_s): source token i sends ``weight[b, i]``
@@ -129,7 +194,9 @@ def relaxed_ot_assign(src: Tensor, anchor: Tensor, src_mask: Tensor | None = Non
     The argmax of cosine similarity (= argmin of cost) is found over anchor tiles with a
     running maximum; a later tile wins only when strictly better, which keeps the
     lowest-index rule on ties. Never holds more than one block of similarities
-    ((B, tile, tile), or TILE_BUDGET of them with ``tile=None``).
+    ((B, tile, tile), or TILE_BUDGET of them with ``tile=None``). ``kernel``: one of
+    OT_KERNELS; "triton" runs the same argmax fused (:mod:`alignmamba.ot_kernel`, no block in
+    memory at all; ``tile`` is then unused).
     """
     sm, am = _full_mask(src, src_mask), _full_mask(anchor, anchor_mask)
     B, Ts, _ = src.shape
@@ -138,6 +205,12 @@ def relaxed_ot_assign(src: Tensor, anchor: Tensor, src_mask: Tensor | None = Non
     a = F.normalize(_upcast(anchor), dim=-1, eps=1e-8)
     if time_beta:
         ts_all, ta_all = _time_positions(sm), _time_positions(am)
+    dt = _matmul_dtype(s)
+    fused = _pick_ot_kernel(kernel, src.device, dt)
+    if fused is not None:
+        index = fused(s.to(dt), a.to(dt), am, ts_all if time_beta else None,
+                      ta_all if time_beta else None, time_beta)
+        return index, _assign_weight(sm, am, s.dtype)
     index = torch.zeros(B, Ts, dtype=torch.long, device=src.device)
     ti, tj = _tiles(B, Ts, Ta, tile)
     for i0 in range(0, Ts, ti):
@@ -158,9 +231,13 @@ def relaxed_ot_assign(src: Tensor, anchor: Tensor, src_mask: Tensor | None = Non
             best = torch.where(better, val, best)
             best_idx = torch.where(better, arg + j0, best_idx)
         index[:, i0:i0 + ti] = best_idx
-    n_src = sm.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
-    weight = (sm & am.any(-1, keepdim=True)).to(s.dtype) / n_src
-    return index, weight
+    return index, _assign_weight(sm, am, s.dtype)
+
+
+def _assign_weight(sm: Tensor, am: Tensor, dtype: torch.dtype) -> Tensor:
+    """1 / len_src for valid source tokens of samples with a valid anchor token, else 0."""
+    n_src = sm.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+    return (sm & am.any(-1, keepdim=True)).to(dtype) / n_src
 
 
 def plan_from_assignment(index: Tensor, weight: Tensor, t_anchor: int) -> Tensor:
@@ -180,16 +257,17 @@ def _scatter_align(src: Tensor, index: Tensor, weight: Tensor, t_anchor: int) ->
 def relaxed_ot_align(src: Tensor, anchor: Tensor, src_mask: Tensor | None = None,
                      anchor_mask: Tensor | None = None, time_beta: float = 0.0,
                      normalize: Literal["mass", "mean"] = "mass",
-                     tile: int | None = DEFAULT_TILE) -> Tensor:
+                     tile: int | None = DEFAULT_TILE, kernel: str | None = None) -> Tensor:
     """Aligned source X~ = plan^T @ src (eq. 6) without building the plan. -> (B, T_a, d).
 
     ``normalize="mass"`` is the paper: each row is the sum of the matched source tokens
     divided by len_src. ``"mean"`` divides instead by the number of tokens matched to
     that row (a barycentric average, keeping the source's scale). Anchor rows nobody
     matched are zero. Gradients reach ``src`` through the scatter-add, none reach the
-    assignment (SPEC: the argmin carries no gradient), none reach ``anchor``.
+    assignment (SPEC: the argmin carries no gradient), none reach ``anchor``. ``tile`` and
+    ``kernel`` pick how the argmax is found (:func:`relaxed_ot_assign`).
     """
-    index, weight = relaxed_ot_assign(src, anchor, src_mask, anchor_mask, time_beta, tile)
+    index, weight = relaxed_ot_assign(src, anchor, src_mask, anchor_mask, time_beta, tile, kernel)
     Ta = anchor.shape[1]
     if normalize == "mean":
         counts = torch.zeros(index.shape[0], Ta, device=src.device, dtype=weight.dtype)
