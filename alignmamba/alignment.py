@@ -317,7 +317,7 @@ def resample_to(src: Tensor, src_mask: Tensor | None, t_target: int,
     ``adaptive_avg_pool1d`` does, per sample. Linear memory (prefix sums).
     (B, T_s, d) -> (B, t_target, d); padded target slots and samples without source are zero.
     """
-    B, Ts, d = src.shape
+    B, _, d = src.shape
     sm = _full_mask(src, src_mask)
     tm = (torch.ones(B, t_target, dtype=torch.bool, device=src.device)
           if target_mask is None else target_mask.to(torch.bool))
