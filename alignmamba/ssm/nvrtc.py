@@ -11,6 +11,7 @@ one-line reason; callers fall back to the Triton kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -160,20 +161,15 @@ class Kernel:
         base = ctypes.addressof(vals)
         params = (ctypes.c_void_p * n)(*range(base, base + 8 * n, 8))
         index = device.index if device.index is not None else torch.cuda.current_device()
-        # the driver launches into this thread's current context: the device's primary context
-        # must be current (a thread that has not touched CUDA yet gets it made current here)
-        if index == torch.cuda.current_device():
-            if not _has_context():
-                _ensure_context(torch.device("cuda", index))
-            self._run(grid, block, smem, params, torch.cuda.current_stream().cuda_stream)
-        else:
-            with torch.cuda.device(index):
-                _ensure_context(torch.device("cuda", index))
-                self._run(grid, block, smem, params, torch.cuda.current_stream().cuda_stream)
-
-    def _run(self, grid: tuple[int, int, int], block: int, smem: int, params, stream: int) -> None:
-        _check_cu(_launch_fn()(self._func, grid[0], grid[1], grid[2], block, 1, 1, smem, stream,
-                               params, None), "cuLaunchKernel")
+        # switch devices only when needed (the context manager costs host time per launch)
+        with (contextlib.nullcontext() if index == torch.cuda.current_device()
+              else torch.cuda.device(index)):
+            # the driver launches into this thread's current context: the device's primary
+            # context must be current (a thread that has not touched CUDA gets it made current)
+            _ensure_context(index)
+            _check_cu(_launch_fn()(self._func, grid[0], grid[1], grid[2], block, 1, 1, smem,
+                                   torch.cuda.current_stream().cuda_stream, params, None),
+                      "cuLaunchKernel")
 
 
 def _launch_fn():
@@ -184,19 +180,14 @@ def _launch_fn():
     return launch
 
 
-def _has_context() -> bool:
-    ctx = ctypes.c_void_p()
-    return _open_cuda().cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and bool(ctx.value)
-
-
-def _ensure_context(device: torch.device) -> None:
+def _ensure_context(index: int) -> None:
     cu = _open_cuda()
     ctx = ctypes.c_void_p()
     _check_cu(cu.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
     if not ctx.value:
         # PyTorch's runtime uses the device's primary context; make it current on this thread
         dev = ctypes.c_int()
-        _check_cu(cu.cuDeviceGet(ctypes.byref(dev), device.index or 0), "cuDeviceGet")
+        _check_cu(cu.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
         _check_cu(cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
         _check_cu(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
@@ -235,7 +226,7 @@ def get_kernel(source_file: str, name_expr: str, device: torch.device, smem_max:
         source = read_source(source_file)
         cubin, lowered = compile_cubin(source, name_expr, f"sm_{major}{minor}", options)
         with torch.cuda.device(index):
-            _ensure_context(torch.device("cuda", index))
+            _ensure_context(index)
             cu = _open_cuda()
             module, func = ctypes.c_void_p(), ctypes.c_void_p()
             _check_cu(cu.cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
