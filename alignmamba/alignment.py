@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Literal
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import AlignMambaError
+from .graphs import warn_once
 
 __all__ = [
     "cosine_cost",
@@ -59,7 +59,6 @@ DEFAULT_TILE: int | None = None
 OT_KERNELS = ("auto", "torch", "triton")
 ENV_OT_KERNEL = "ALIGNMAMBA_OT_KERNEL"
 _ot_argmax_fn: list = []  # [ot_argmax or None] once the import was tried
-_warned: set[str] = set()
 
 
 def _load_ot_argmax():
@@ -94,10 +93,9 @@ def _pick_ot_kernel(kernel: str | None, device: torch.device, dtype: torch.dtype
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise AlignMambaError(f"relaxed_ot_assign: {source}='triton' needs CUDA tensors, "
                                   f"got device {device}")
-    elif fn is None and "ot" not in _warned:
-        _warned.add("ot")
-        warnings.warn("alignmamba: fused OT argmax unavailable (Triton not importable); using "
-                      "the torch tiling", RuntimeWarning, stacklevel=3)
+    elif fn is None:
+        warn_once("alignmamba: fused OT argmax unavailable (Triton not importable); using the "
+                  "torch tiling")
     return fn
 
 
