@@ -42,6 +42,10 @@ __device__ __forceinline__ float softplus(float x) {
     return fmaxf(x, 0.f) + (e < 1e-4f ? series : lg);
 }
 __device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LOG2E)); }
+// what dt reads as past the end of a segment: with softplus, -inf gives delta = 0 exactly (no
+// per-step mask); without, 0 (the caller masks delta)
+template <bool SOFTPLUS>
+__device__ __forceinline__ float dt_fill() { return SOFTPLUS ? __int_as_float(0xff800000) : 0.f; }
 
 // element types of the (B, D, L) streams: 0 fp32, 1 bf16, 2 fp16 (round to nearest even)
 template <int DT> struct Elem;

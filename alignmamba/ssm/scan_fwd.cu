@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
         } else {
             // dt past the end reads as -inf: softplus gives delta = 0 exactly, no mask needed
             load_ts<DT>(u + row + t0 + my, rem, uu);
-            load_ts<DT>(dt + row + t0 + my, rem, rr, SOFTPLUS ? __int_as_float(0xff800000) : 0.f);
+            load_ts<DT>(dt + row + t0 + my, rem, rr, dt_fill<SOFTPLUS>());
             if (!LOCAL && HAS_Z) load_ts<DT>(z + row + t0 + my, rem, zz);
         }
         const int t1 = t0 + CHUNK;
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_adj_local(
             if (HAS_Z) raw_unpack<DT>(rz, zz);
         } else {
             // dt past the end reads as -inf (softplus: delta = 0), dout as 0 (dy = 0)
-            load_ts<DT>(dt + row + t0 + my, rem, rr, SOFTPLUS ? __int_as_float(0xff800000) : 0.f);
+            load_ts<DT>(dt + row + t0 + my, rem, rr, dt_fill<SOFTPLUS>());
             load_ts<DT>(dout + row + t0 + my, rem, gg);
             if (HAS_Z) load_ts<DT>(z + row + t0 + my, rem, zz);
         }
