@@ -20,12 +20,16 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_scan import median_ms
 
 from alignmamba import alignment as al
 
 
 def timed(fn, reps: int) -> tuple[float, int]:
+    """(median ms of ``reps`` calls, peak bytes of one call above what was allocated before)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -34,15 +38,7 @@ def timed(fn, reps: int) -> tuple[float, int]:
     fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2], peak
+    return median_ms(fn, reps, warmup=0), peak
 
 
 def main() -> None:
