@@ -29,7 +29,10 @@ TINY = ["--epochs", "1", "--quiet",
         "--set", f"data.synthetic_n_train={N_TRAIN}", "--set", f"data.synthetic_n_valid={N_VALID}",
         "--set", f"data.synthetic_n_test={N_TEST}", "--set", "model.d_model=16", "--set", "model.n_layers=1",
         "--set", "model.dropout=0", "--set", "train.threads=1", "--set", "data.batch_size=16",
-        "--set", "optim.name=sgd", "--set", "optim.lr=0.05", "--set", "optim.grad_clip=0"]
+        "--set", "optim.name=sgd", "--set", "optim.lr=0.05", "--set", "optim.grad_clip=0",
+        # the reference trains in this process: on a machine with a GPU it must not pick CUDA while
+        # the DDP runs use the CPU (their env hides the GPUs), or the two differ by more than TOL
+        "--set", "train.device=cpu"]
 TOL = 1e-5  # see the module docstring
 
 # Started in every Python process of a run (PYTHONPATH): records which rank writes which file.
