@@ -216,7 +216,7 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     # a config.json with absurd sizes is refused before anything is allocated.
     try:
         with safe_open(str(wpath), framework="pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{wpath}: unreadable safetensors file ({_first_line(e)})") from None
     try:

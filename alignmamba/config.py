@@ -28,7 +28,7 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) < len(get_args(tp)):
-            inner = args[0] if len(args) == 1 else Union[tuple(args)]  # type: ignore[index]
+            inner = args[0] if len(args) == 1 else Union[tuple(args)]  # type: ignore[index]  # noqa: UP007 (built from a run-time tuple)
             return True, inner
     return False, tp
 

@@ -84,7 +84,7 @@ def plot_plan(a: argparse.Namespace) -> None:
     from .data.dataset import SplitDataset, collate
     from .train import _uses_bert, forward_batch
 
-    model, mcfg, exp, ds, dev = load_for_checkpoint(a.checkpoint, a.data, "cpu")
+    model, mcfg, _exp, ds, _dev = load_for_checkpoint(a.checkpoint, a.data, "cpu")
     if mcfg.model != "alignmamba":
         raise AlignMambaError(f"--checkpoint: model '{mcfg.model}' has no transport plan")
     split = ds.splits.get(a.split)

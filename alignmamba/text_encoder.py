@@ -200,7 +200,7 @@ class BertTextEncoder(nn.Module):
         m = text_bert[:, 1] != 0
         if mask is not None:
             if tuple(mask.shape) != tuple(m.shape):
-                raise DataError(f"text_bert: {tuple(m.shape[1:])[0]} token columns but the text mask is "
+                raise DataError(f"text_bert: {m.shape[1]} token columns but the text mask is "
                                 f"{tuple(mask.shape)}; they must describe the same positions")
             m = m & mask.to(device=m.device, dtype=torch.bool)
         # A row with no real token would make every attention score -inf (NaN softmax in some

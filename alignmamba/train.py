@@ -471,7 +471,7 @@ def make_loaders(cfg: ExperimentConfig, ds, seed: int, rank: int = 0, world: int
     from .data import make_loader
 
     mc = cfg.model
-    kw = dict(task=mc.task, num_classes=mc.num_classes)
+    kw = {"task": mc.task, "num_classes": mc.num_classes}
     # data.batch_size is the global batch. The training order comes from a DistributedSampler
     # in one process too, so W processes train on exactly the single-process batches.
     per_rank = D.per_rank_batch(cfg.data.batch_size, world)
@@ -726,9 +726,9 @@ def summarize(seed_rows: list[dict[str, Any]], key: str = "test") -> tuple[dict[
 
 def format_table(mean: dict[str, float], std: dict[str, float], title: str = "test") -> str:
     lines = [f"{title:<16}{'mean':>10}{'std':>10}"]
-    for k in mean:
+    for k, v in mean.items():
         scale = 100.0 if ("acc" in k.lower() or "f1" in k.lower()) else 1.0
-        lines.append(f"{k:<16}{mean[k] * scale:>10.2f}{std[k] * scale:>10.2f}")
+        lines.append(f"{k:<16}{v * scale:>10.2f}{std[k] * scale:>10.2f}")
     return "\n".join(lines)
 
 

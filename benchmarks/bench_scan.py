@@ -63,13 +63,13 @@ def make_inputs(bsz: int, dim: int, dstate: int, length: int, seed: int = 0) -> 
     def r(*shape, dtype=bf, scale=1.0, shift=0.0):
         return (torch.randn(*shape, device="cuda", generator=g) * scale + shift).to(dtype)
 
-    return dict(
-        u=r(bsz, dim, length), delta=r(bsz, dim, length, scale=0.5, shift=-2.0),
-        A=-torch.arange(1, dstate + 1, device="cuda", dtype=torch.float32).repeat(dim, 1)
+    return {
+        "u": r(bsz, dim, length), "delta": r(bsz, dim, length, scale=0.5, shift=-2.0),
+        "A": -torch.arange(1, dstate + 1, device="cuda", dtype=torch.float32).repeat(dim, 1)
         * torch.exp(r(dim, 1, dtype=torch.float32, scale=0.1)),
-        B=r(bsz, dstate, length), C=r(bsz, dstate, length), D=r(dim, dtype=torch.float32),
-        z=r(bsz, dim, length), delta_bias=r(dim, dtype=torch.float32, scale=0.5),
-    )
+        "B": r(bsz, dstate, length), "C": r(bsz, dstate, length), "D": r(dim, dtype=torch.float32),
+        "z": r(bsz, dim, length), "delta_bias": r(dim, dtype=torch.float32, scale=0.5),
+    }
 
 
 def byte_counts(x: dict) -> dict[str, int]:

@@ -24,10 +24,10 @@ def stage_times(model, feats, masks, reps: int = 5) -> dict[str, float]:
     cfg = model.config
     out: dict[str, list[float]] = {}
 
-    def timed(name, fn):
+    def timed(name, fn, *args):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        r = fn()
+        r = fn(*args)
         b.record()
         b.synchronize()
         out.setdefault(name, []).append(a.elapsed_time(b))
@@ -39,13 +39,13 @@ def stage_times(model, feats, masks, reps: int = 5) -> dict[str, float]:
             anc, am = h[cfg.anchor], masks[cfg.anchor]
             al_out = {}
             for m in cfg.sources:
-                al_out[m] = timed(f"ot_align[{m}]", lambda m=m: al.relaxed_ot_align(h[m], anc, masks[m], am, 0.0,
-                                                                                  cfg.ot_normalize))
-                timed(f"mmd[{m}]", lambda m=m: al.mmd2(al_out[m], anc, cfg.mmd_sigma, am, am, cfg.mmd_bandwidth))
+                al_out[m] = timed(f"ot_align[{m}]", al.relaxed_ot_align, h[m], anc, masks[m], am, 0.0,
+                                  cfg.ot_normalize)
+                timed(f"mmd[{m}]", al.mmd2, al_out[m], anc, cfg.mmd_sigma, am, am, cfg.mmd_bandwidth)
             al_out[cfg.anchor] = anc
             x = torch.stack([al_out[m] for m in cfg.interleave_order], 2).flatten(1, 2)
             mm = am[:, :, None].expand(-1, -1, 3).flatten(1, 2)
-            timed("mamba_stack", lambda: model.backbone(x, mm))
+            timed("mamba_stack", model.backbone, x, mm)
             timed("whole_forward", lambda: model(feats, masks))
     return {k: sorted(v[2:])[len(v[2:]) // 2] for k, v in out.items()}
 

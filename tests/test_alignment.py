@@ -47,7 +47,7 @@ def test_plan_ties_go_to_lowest_index():
     plan = al.relaxed_ot_plan(src, anc)
     assert plan[0, 0].nonzero().flatten().tolist() == [0]
     assert plan[0, 1].nonzero().flatten().tolist() == [1]
-    idx, w = al.relaxed_ot_assign(src, anc, tile=1)  # ties across tiles too
+    idx, _w = al.relaxed_ot_assign(src, anc, tile=1)  # ties across tiles too
     assert idx[0].tolist() == [0, 1]
 
 

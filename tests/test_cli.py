@@ -131,7 +131,7 @@ def test_plot_plan_writes_a_png(run):
 
 def test_python_dash_m_help():
     proc = subprocess.run([sys.executable, "-m", "alignmamba", "--help"], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: alignmamba")
     for cmd in ("train", "evaluate", "data", "plot-plan", "ablate", "bench"):
@@ -140,7 +140,7 @@ def test_python_dash_m_help():
 
 def test_usage_errors_exit_2(run, tmp_path):
     for args in (["frobnicate"], ["train", "--epochs", "many"], ["evaluate"], ["data", "synth"]):
-        rc, out, err = cli(*args)
+        rc, _out, err = cli(*args)
         assert rc == 2 and "usage: alignmamba" in err and "Traceback" not in err, args
     # a user mistake the parser cannot see: one line, exit 2
     rc, _, err = cli("data", "synth", "--out", tmp_path / "no" / "dir" / "f.pkl", *SIZES)

@@ -20,8 +20,8 @@ def make_inputs(cfg: AlignMambaConfig, B: int = 3, lengths=None, seed: int = 0):
 
 
 def small_cfg(**kw) -> AlignMambaConfig:
-    base = dict(d_model=16, n_layers=2, d_state=4, dropout=0.0,
-                input_dims={"text": 12, "audio": 5, "vision": 7})
+    base = {"d_model": 16, "n_layers": 2, "d_state": 4, "dropout": 0.0,
+            "input_dims": {"text": 12, "audio": 5, "vision": 7}}
     base.update(kw)
     return AlignMambaConfig(**base)
 
@@ -94,8 +94,8 @@ def test_padding_does_not_change_outputs():
     feats2 = {m: torch.cat([x, 100 * torch.randn(x.shape[0], 5, x.shape[2])], 1) for m, x in feats.items()}
     masks2 = {m: torch.cat([k, torch.zeros(k.shape[0], 5, dtype=torch.bool)], 1) for m, k in masks.items()}
     # and garbage inside the existing padding
-    for m in feats2:
-        feats2[m][~masks2[m]] = 50.0
+    for m, x in feats2.items():
+        x[~masks2[m]] = 50.0
     out2 = model(feats2, masks2, align_loss=True)
     torch.testing.assert_close(out1.pred, out2.pred, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out1.align_loss, out2.align_loss, rtol=1e-5, atol=1e-6)

@@ -296,7 +296,7 @@ def test_payloads_are_live(tmp_path):
             paths.append(tmp_path / f"{name}.pkl")
             paths[-1].write_bytes(blob)
     proc = subprocess.run([sys.executable, "-c", _LIVE, str(marker), *map(str, paths)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [w for p in paths for w in (str(p), "True")]
 
@@ -526,7 +526,7 @@ def _patch(ck: Path, offset: int, data: bytes) -> None:
 def _rename_tensor(ck: Path) -> None:
     from safetensors.torch import load_file, save_file
     state = load_file(str(ck / "model.safetensors"))
-    k = sorted(state)[0]
+    k = min(state)
     state["x" + k] = state.pop(k)
     save_file(state, str(ck / "model.safetensors"))
 

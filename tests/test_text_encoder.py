@@ -87,8 +87,8 @@ def batch(data_file: Path) -> dict[str, Any]:
 
 
 def tiny_config(bert_dir: Path, **kw: Any) -> AlignMambaConfig:
-    base = dict(input_dims={"text": 768, "audio": 5, "vision": 20}, d_model=16, n_layers=1, d_state=4,
-                text_encoder="bert", bert_path=str(bert_dir))
+    base = {"input_dims": {"text": 768, "audio": 5, "vision": 20}, "d_model": 16, "n_layers": 1, "d_state": 4,
+            "text_encoder": "bert", "bert_path": str(bert_dir)}
     return AlignMambaConfig(**{**base, **kw})
 
 
@@ -240,7 +240,7 @@ def test_gradient_checkpointing_recomputes_layers_and_matches_plain_gradients(be
     for key, enc in (("plain", plain), ("ckpt", ckpt)):
         enc.train()  # dropout on: the recomputation must replay the same masks
         torch.manual_seed(123)
-        h, m = enc(tb)
+        h, _m = enc(tb)
         w = torch.linspace(-1.0, 1.0, h.shape[-1])
         (h * w).sum().backward()
         grads[key] = {n: p.grad.clone() for n, p in enc.named_parameters()}
@@ -363,7 +363,7 @@ def test_config_validation(bert_dir, tmp_path):
 
 
 def test_cli_bad_bert_path_is_one_line(data_file, tmp_path):
-    rc, out, err = cli("train", "--data", data_file, "--epochs", "1", "--out", tmp_path / "r",
+    rc, _out, err = cli("train", "--data", data_file, "--epochs", "1", "--out", tmp_path / "r",
                        "--text-encoder", "bert", "--bert-path", tmp_path / "missing", *TINY)
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("alignmamba: error: --bert-path ") and "not a directory" in err
@@ -383,7 +383,7 @@ def no_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_transformers_gives_the_install_line(no_transformers, data_file, tmp_path):
     with pytest.raises(ImportError):
         import transformers  # noqa: F401  (the simulation works)
-    rc, out, err = cli("train", "--data", data_file, "--epochs", "1", "--out", tmp_path / "r",
+    rc, _out, err = cli("train", "--data", data_file, "--epochs", "1", "--out", tmp_path / "r",
                        "--text-encoder", "bert", "--bert-path", tmp_path, *TINY)
     assert rc == 2
     assert err == f"alignmamba: error: {INSTALL_HINT}\n"
