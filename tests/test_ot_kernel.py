@@ -53,6 +53,26 @@ def test_fused_argmax_equals_tiling_and_dense(ts_len, ta_len, dim, beta):
     assert torch.equal(al.plan_from_assignment(idx_f, w_f, ta_len), dense)
 
 
+@pytest.mark.parametrize("dim,config", [
+    (40, (16, 16, 16, 4, 1)),  # d over three K blocks, the last one partial
+    (40, (32, 16, 64, 4, 2)),  # source rows resident, K padded past d
+    (32, (16, 32, 32, 4, 1)),  # source rows resident, K = d
+])
+def test_fused_argmax_block_configs_equal_tiling(monkeypatch, dim, config):
+    """Every block shape computes the same argmax: pick_config only changes the speed."""
+    src, anc, sm, am = _pair(37, 70, dim, seed=dim)
+    idx_t, w_t = al.relaxed_ot_assign(src, anc, sm, am, 0.5, tile=16, kernel="torch")
+    monkeypatch.setattr(otk, "pick_config", lambda *a: config)
+    idx_f, w_f = al.relaxed_ot_assign(src, anc, sm, am, 0.5, kernel="triton")
+    assert torch.equal(idx_f, idx_t) and torch.equal(w_f, w_t)
+
+
+def test_fused_argmax_refuses_bad_block_config():
+    src, anc, _, am = _pair(8, 8, 16, seed=0)
+    with pytest.raises(ValueError, match="BN=24 must be a power of 2"):
+        otk.ot_argmax(src, anc, am, config=(16, 24, 16, 4, 1))
+
+
 def test_fused_ties_go_to_lowest_index_within_and_across_blocks():
     g = torch.Generator().manual_seed(3)
     anc = torch.randn(1, 150, 16, generator=g)
