@@ -498,3 +498,30 @@ def test_mamba_errors():
         m(torch.randn(2, 5, 8), state=(torch.zeros(2, 16, 3), torch.zeros(2, 16, 5)))
     with pytest.raises(AlignMambaError, match="n_layers"):
         MambaStack(8, 0)
+
+
+@pytest.mark.parametrize("bsz", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_project_t_is_linear_in_the_scan_layout(bsz, with_bias):
+    """mamba._project_t equals F.linear(...).transpose(1, 2), values and gradients; for one
+    sequence it is written contiguous (the scan then copies nothing)."""
+    from alignmamba.ssm.mamba import _project_t
+
+    g = torch.Generator().manual_seed(bsz)
+    x0 = torch.randn(bsz, 11, 6, generator=g, dtype=torch.float64)
+    w0 = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    b0 = torch.randn(5, generator=g, dtype=torch.float64) if with_bias else None
+    gy = torch.randn(bsz, 5, 11, generator=g, dtype=torch.float64)
+    outs = []
+    for f in (lambda x, w, b: _project_t(x, w, b), lambda x, w, b: F.linear(x, w, b).transpose(1, 2)):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if with_bias else None
+        y = f(x, w, b)
+        y.backward(gy)
+        outs.append((y, x.grad, w.grad, b.grad if with_bias else None))
+    (y, *grads), (y_ref, *grads_ref) = outs
+    assert y.shape == (bsz, 5, 11) and y.is_contiguous() == (bsz == 1)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, grads_ref):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
