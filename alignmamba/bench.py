@@ -237,20 +237,11 @@ def _graphed(step, device):
     """(replay, True, None) for ``step`` captured in a CUDA graph (fixed inputs and shapes, so
     one capture serves every timed call), or (step, False, why) when the forward cannot be
     captured (a host sync or a data-dependent shape, as in the baselines' padding packing)."""
-    import torch
+    from .graphs import capture_graph
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the capture stream (lazy init, Triton compiles)
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            step()
+        graph, _ = capture_graph(step, device)
     except Exception as e:  # noqa: BLE001 - any capture failure means "run it eagerly"
-        torch.cuda.synchronize(device)
         return step, False, f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager"
     return graph.replay, True, None
 

@@ -15,6 +15,9 @@ step is bound by the CPU launching them, not by the GPU running them. With
   parameters;
 * the optimizer (fused AdamW), gradient clipping and the scheduler stay outside the graphs.
 
+For inference, :class:`GraphedForward` replays a model's forward from one CUDA graph per input
+shape (a batch-1 forward at 64k tokens is ~300 launches: host-bound when eager).
+
 Padding is inert: masks zero the encoders' padded tokens, OT never sends mass to or from a
 padded token (eq. 5), MMD averages over valid tokens (eq. 8), the Mamba scan is causal and
 padding sits at the back, and pooling is over valid positions. So a batch padded to the
@@ -24,6 +27,7 @@ split's maximum lengths gives the loss and gradients of the trimmed batch
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,8 +36,8 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 
-__all__ = ["DeviceSplit", "GraphedTrainStep", "StepLoss", "graphs_unsupported_reason", "pad_batch",
-           "split_max_lengths", "warn_once"]
+__all__ = ["DeviceSplit", "GraphedForward", "GraphedTrainStep", "StepLoss", "capture_graph",
+           "graphs_unsupported_reason", "pad_batch", "split_max_lengths", "warn_once"]
 
 _warned: set[str] = set()
 
@@ -248,3 +252,115 @@ class GraphedTrainStep:
             return self._graphed(*flat)
         self.eager_steps += 1
         return self.eager(*flat)
+
+
+# ------------------------------------------------------------------ inference
+
+def capture_graph(fn: Callable[[], Any], device: torch.device,
+                  warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, output) of ``fn()`` captured in a CUDA graph on ``device``.
+
+    ``warmup`` calls run first on a side stream (lazy initialisation and kernel compiles must
+    not happen during capture); ``graph.replay()`` then refills ``output``'s tensors. Raises
+    whatever the capture raises (e.g. a host sync inside ``fn``), after a device sync.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception:
+        torch.cuda.synchronize(device)
+        raise
+    return graph, out
+
+
+_Sig = tuple[tuple[str, tuple[int, ...], torch.dtype, torch.device], ...]
+
+
+class GraphedForward:
+    """``model(features, masks)`` for inference, replayed from one CUDA graph per input shape.
+
+    ``g = GraphedForward(model)`` then ``out = g(features, masks)`` gives what the model
+    returns under ``torch.inference_mode`` (and bf16 autocast with ``amp``). The first call
+    with a new set of shapes, dtypes and devices captures the forward (:func:`capture_graph`);
+    later calls with that signature copy their inputs into the graph's buffers and replay it.
+    The returned tensors belong to the graph: the next call with the same signature
+    overwrites them (clone what you keep). At most ``max_graphs`` captures are kept, the least
+    recently used one is dropped (each holds its own memory pool). On the CPU, or when a
+    capture fails (e.g. a host sync in the forward), calls run eagerly, with a warning once.
+    The model must be in eval mode (no dropout in a replay).
+    """
+
+    def __init__(self, model: nn.Module, amp: bool = True, max_graphs: int = 4) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"GraphedForward: max_graphs={max_graphs} must be >= 1")
+        self.model = model
+        self.amp = amp
+        self.max_graphs = max_graphs
+        # signature -> (graph, static features, static masks, output), or None: runs eagerly
+        self._graphs: OrderedDict[_Sig, tuple[Any, dict, dict | None, Any] | None] = OrderedDict()
+        self.replays = 0
+        self.eager_calls = 0
+
+    @staticmethod
+    def _signature(features: dict[str, Tensor], masks: dict[str, Tensor] | None) -> _Sig:
+        sig = [(f"f:{m}", tuple(x.shape), x.dtype, x.device) for m, x in sorted(features.items())]
+        if masks is not None:
+            sig += [(f"m:{m}", tuple(x.shape), x.dtype, x.device) for m, x in sorted(masks.items())]
+        return tuple(sig)
+
+    def _forward(self, features: dict[str, Tensor], masks: dict[str, Tensor] | None) -> Any:
+        dev = next(iter(features.values())).device.type
+        with torch.inference_mode(), torch.autocast(dev, dtype=torch.bfloat16,
+                                                    enabled=self.amp and dev == "cuda"):
+            return self.model(features, masks)
+
+    def _capture(self, sig: _Sig, features: dict[str, Tensor],
+                 masks: dict[str, Tensor] | None) -> None:
+        static_f = {m: x.clone() for m, x in features.items()}
+        static_m = None if masks is None else {m: x.clone() for m, x in masks.items()}
+        device = next(iter(features.values())).device
+        try:
+            graph, out = capture_graph(lambda: self._forward(static_f, static_m), device)
+        except Exception as e:  # noqa: BLE001 - any capture failure means "run it eagerly"
+            warn_once(f"GraphedForward: CUDA graph capture failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120]}); running eagerly")
+            self._graphs[sig] = None
+            return
+        self._graphs[sig] = (graph, static_f, static_m, out)
+        while sum(v is not None for v in self._graphs.values()) > self.max_graphs:
+            old = next(k for k, v in self._graphs.items() if v is not None)
+            del self._graphs[old]
+
+    def __call__(self, features: dict[str, Tensor], masks: dict[str, Tensor] | None = None) -> Any:
+        if self.model.training:
+            raise RuntimeError("GraphedForward: the model is in training mode; call model.eval()")
+        device = next(iter(features.values())).device
+        if device.type != "cuda":
+            warn_once("GraphedForward: CUDA graphs need a CUDA device; running eagerly")
+            entry = None
+        else:
+            sig = self._signature(features, masks)
+            if sig not in self._graphs:
+                self._capture(sig, features, masks)
+            entry = self._graphs[sig]
+            self._graphs.move_to_end(sig)
+        if entry is None:
+            self.eager_calls += 1
+            return self._forward(features, masks)
+        graph, static_f, static_m, out = entry
+        with torch.no_grad():
+            for m, x in features.items():
+                static_f[m].copy_(x)
+            if masks is not None:
+                for m, x in masks.items():
+                    static_m[m].copy_(x)
+        graph.replay()
+        self.replays += 1
+        return out

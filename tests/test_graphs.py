@@ -375,3 +375,70 @@ def test_train_with_cuda_graphs_replays_and_matches_eager(tmp_path, monkeypatch)
     for rg, re_ in zip(g, e):
         assert np.isclose(float(rg["train_loss"]), float(re_["train_loss"]), rtol=1e-4, atol=0)
         assert np.isclose(float(rg["valid_loss"]), float(re_["valid_loss"]), rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------ GraphedForward (inference)
+
+def _infer_inputs(device, lengths=(7, 30, 41), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dims = {"text": 12, "audio": 5, "vision": 7}
+    feats = {m: torch.randn(2, n, dims[m], generator=g).to(device) for m, n in zip(dims, lengths)}
+    masks = {m: torch.ones(2, n, dtype=torch.bool, device=device) for m, n in zip(dims, lengths)}
+    masks["audio"][1, lengths[1] // 2:] = False  # padding in one sample
+    return feats, masks
+
+
+def _infer_model(device):
+    torch.manual_seed(0)
+    cfg = AlignMambaConfig(input_dims={"text": 12, "audio": 5, "vision": 7}, d_model=16,
+                           n_layers=2, d_state=4, dropout=0.0)
+    return build_model(cfg).to(device).eval()
+
+
+def test_graphed_forward_off_cuda_runs_eagerly_and_warns_once():
+    model = _infer_model("cpu")
+    feats, masks = _infer_inputs("cpu")
+    msg = "GraphedForward: CUDA graphs need a CUDA device; running eagerly"
+    G._warned.discard(msg)
+    g = G.GraphedForward(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [g(feats, masks).pred, g(feats, masks).pred]
+    assert [str(w.message) for w in caught].count(msg) == 1
+    with torch.inference_mode():
+        ref = model(feats, masks).pred
+    for out in outs:
+        assert torch.equal(out, ref)
+    assert (g.eager_calls, g.replays) == (2, 0)
+
+
+def test_graphed_forward_refuses_training_mode_and_bad_settings():
+    model = _infer_model("cpu").train()
+    feats, masks = _infer_inputs("cpu")
+    with pytest.raises(RuntimeError, match="training mode"):
+        G.GraphedForward(model)(feats, masks)
+    with pytest.raises(ValueError, match="max_graphs=0"):
+        G.GraphedForward(model, max_graphs=0)
+
+
+@cuda
+def test_graphed_forward_replays_equal_eager_on_cuda():
+    model = _infer_model("cuda")
+    g = G.GraphedForward(model, amp=False, max_graphs=1)  # fp32: replay and eager run the same kernels
+
+    def eager(f, m):
+        with torch.inference_mode():
+            return model(f, m).pred.clone()
+
+    a, b = _infer_inputs("cuda", seed=1), _infer_inputs("cuda", seed=2)
+    pa = g(*a).pred.clone()
+    pb = g(*b).pred.clone()  # same shapes: a replay, new values
+    assert g.replays == 2 and g.eager_calls == 0 and not torch.equal(pa, pb)
+    # OT's scatter-add sums with atomics (no fixed order): fp32 rounding apart, nothing more
+    torch.testing.assert_close(pa, eager(*a), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pb, eager(*b), rtol=1e-5, atol=1e-6)
+    c = _infer_inputs("cuda", lengths=(9, 20, 33), seed=3)
+    torch.testing.assert_close(g(*c).pred, eager(*c), rtol=1e-5, atol=1e-6)
+    assert len([v for v in g._graphs.values() if v is not None]) == 1  # the first was dropped
+    torch.testing.assert_close(g(*a).pred, eager(*a), rtol=1e-5, atol=1e-6)  # captured again
+    assert g.replays == 4
