@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from alignmamba.errors import AlignMambaError
 
+from .causal_conv import causal_conv1d_silu
 from .scan import selective_scan
 
 MambaState = tuple[Tensor, Tensor]  # conv_state (B, E, d_conv-1), ssm_state (B, E, N)
@@ -147,7 +148,7 @@ class Mamba(nn.Module):
         bsz = x.shape[0]
         E, N = self.d_inner, self.d_state
         if state is None:
-            conv_state, ssm_state = self.init_state(bsz, x.device, x.dtype)
+            conv_state = ssm_state = None
         else:
             conv_state, ssm_state = state
             if conv_state.shape != (bsz, E, self.d_conv - 1) or ssm_state.shape != (bsz, E, N):
@@ -161,9 +162,8 @@ class Mamba(nn.Module):
         if mask is not None:
             # padding must feed zeros into the conv, whatever the encoder left there
             xs = xs * mask.unsqueeze(1).to(xs.dtype)
-        conv_in = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)  # (B, E, d_conv-1+L)
-        xc = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=E)  # (B, E, L)
-        xc = F.silu(xc)
+        # causal depthwise conv over [state | x], SiLU (a fused kernel in CUDA inference)
+        xc = causal_conv1d_silu(xs, self.conv1d.weight, self.conv1d.bias, conv_state)  # (B, E, L)
 
         x_dbl = self.x_proj(xc.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, Bm, Cm = x_dbl.split([self.dt_rank, N, N], dim=-1)
@@ -181,7 +181,7 @@ class Mamba(nn.Module):
             delta_softplus=True,
             return_last_state=return_state,
             backend=self.scan_backend,
-            initial_state=ssm_state if state is not None else None,
+            initial_state=ssm_state,
         )
         y, last = res if return_state else (res, None)
         out = self.out_proj(y.transpose(1, 2))
@@ -189,7 +189,10 @@ class Mamba(nn.Module):
             out = out * mask.unsqueeze(-1).to(out.dtype)
         if not return_state:
             return out
-        new_conv = conv_in[:, :, conv_in.shape[-1] - (self.d_conv - 1):]
+        k1 = self.d_conv - 1  # the conv's inputs the next piece needs: the last k1 of [state | x]
+        head = conv_state.to(xs.dtype) if conv_state is not None else xs.new_zeros(bsz, E, k1)
+        new_conv = torch.cat([head, xs[:, :, max(0, xs.shape[-1] - k1):]], dim=-1)
+        new_conv = new_conv[:, :, new_conv.shape[-1] - k1:]
         return out, (new_conv, last)
 
 
