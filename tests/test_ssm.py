@@ -408,6 +408,38 @@ def test_rmsnorm():
     assert torch.allclose(n(x), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rmsnorm_equals_its_reference_with_gradients(dtype):
+    """RMSNorm (F.rms_norm where torch has it) against rms_norm_ref: values, d/dx, d/dweight."""
+    from alignmamba.ssm.mamba import rms_norm_ref
+
+    g = torch.Generator().manual_seed(1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x0 = (torch.randn(2, 9, 24, generator=g) * 3).to(dev, dtype)
+    w0 = torch.randn(24, generator=g).to(dev)
+    gy = torch.randn(2, 9, 24, generator=g).to(dev, dtype)
+    res = []
+    for fused in (True, False):
+        n = RMSNorm(24).to(dev)
+        with torch.no_grad():
+            n.weight.copy_(w0)
+        x = x0.clone().requires_grad_(True)
+        if fused:
+            y = n(x)
+        else:
+            xf = x.float() if dtype == torch.bfloat16 else x
+            y = rms_norm_ref(xf, n.weight, n.eps).to(dtype)
+        y.backward(gy)
+        res.append((y, x.grad, n.weight.grad))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    for got, want in zip(res[0], res[1]):
+        if dtype == torch.bfloat16 and got.dtype == torch.bfloat16:
+            # both sum in fp32 and round once to bf16: at most one bf16 step apart
+            torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+        else:
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 def _rand_params(module, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
