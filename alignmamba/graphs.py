@@ -294,7 +294,9 @@ class GraphedForward:
     overwrites them (clone what you keep). At most ``max_graphs`` captures are kept, the least
     recently used one is dropped (each holds its own memory pool). On the CPU, or when a
     capture fails (e.g. a host sync in the forward), calls run eagerly, with a warning once.
-    The model must be in eval mode (no dropout in a replay).
+    The model must be in eval mode (no dropout in a replay). A replay reads the parameters'
+    storage as it was at capture: load new weights in place (``load_state_dict``), and make a
+    new GraphedForward after ``model.to(...)`` (which replaces the tensors).
     """
 
     def __init__(self, model: nn.Module, amp: bool = True, max_graphs: int = 4) -> None:
