@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import env_choice
 from .errors import AlignMambaError
 from .graphs import warn_once
 
@@ -74,14 +75,7 @@ def _load_ot_argmax():
 def _pick_ot_kernel(kernel: str | None, device: torch.device, dtype: torch.dtype):
     """The fused argmax to call, or None for the torch tiling (``kernel``: OT_KERNELS;
     ``dtype``: the one the similarities' products run in)."""
-    name, source = ("auto" if kernel is None else str(kernel)), "kernel"
-    if name == "auto":
-        env = os.environ.get(ENV_OT_KERNEL, "").strip()
-        if env:
-            name, source = env, ENV_OT_KERNEL
-    if name not in OT_KERNELS:
-        raise AlignMambaError(f"relaxed_ot_assign: {source}={name!r} is not one of "
-                              f"{', '.join(OT_KERNELS)}")
+    name, source = env_choice(kernel, OT_KERNELS, ENV_OT_KERNEL, "relaxed_ot_assign", "kernel")
     if name == "torch" or (name == "auto" and (device.type != "cuda"
                                                or dtype not in (torch.bfloat16, torch.float16))):
         return None

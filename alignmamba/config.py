@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from .errors import ConfigError
+from .errors import AlignMambaError, ConfigError
 
 T = TypeVar("T")
 
@@ -228,3 +230,18 @@ def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def env_choice(value: str | None, choices: Sequence[str], env: str, where: str,
+               arg: str) -> tuple[str, str]:
+    """(name, where it came from) of a kernel or backend choice: ``value`` (None = "auto"),
+    which the environment variable ``env`` replaces when it is "auto" and the variable is set.
+    A name not in ``choices`` is a one-line error naming ``arg`` or ``env``."""
+    name, source = ("auto" if value is None else str(value)), arg
+    if name == "auto":
+        from_env = os.environ.get(env, "").strip()
+        if from_env:
+            name, source = from_env, env
+    if name not in choices:
+        raise AlignMambaError(f"{where}: {source}={name!r} is not one of {', '.join(choices)}")
+    return name, source

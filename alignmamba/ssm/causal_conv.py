@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import env_choice
 from ..errors import AlignMambaError
 from ..graphs import warn_once
 
@@ -59,14 +60,8 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     ``kernel``: CONV_KERNELS (None = "auto", which the environment variable replaces): "auto"
     takes the kernel for CUDA tensors when no gradient is needed and Triton is importable.
     """
-    name, source = ("auto" if kernel is None else str(kernel)), "kernel"
-    if name == "auto":
-        env = os.environ.get(ENV_CONV_KERNEL, "").strip()
-        if env:
-            name, source = env, ENV_CONV_KERNEL
-    if name not in CONV_KERNELS:
-        raise AlignMambaError(f"causal_conv1d_silu: {source}={name!r} is not one of "
-                              f"{', '.join(CONV_KERNELS)}")
+    name, source = env_choice(kernel, CONV_KERNELS, ENV_CONV_KERNEL, "causal_conv1d_silu",
+                              "kernel")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, state))
     if name == "torch" or (name == "auto" and (x.device.type != "cuda" or needs_grad)):

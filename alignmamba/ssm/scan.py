@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import warnings
 from collections.abc import Callable
 
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignmamba.config import env_choice
 from alignmamba.errors import AlignMambaError
 
 ScanOutput = Tensor | tuple[Tensor, Tensor]
@@ -490,21 +490,6 @@ def _accepts_initial_state(fn: Callable) -> bool:
     )
 
 
-def _resolve_backend(backend: str | None) -> tuple[str, str]:
-    """(backend name, where it came from) after applying the environment override."""
-    source = "backend"
-    name = "auto" if backend is None else str(backend)
-    if name == "auto":
-        env = os.environ.get(ENV_BACKEND, "").strip()
-        if env:
-            name, source = env, ENV_BACKEND
-    if name not in BACKENDS:
-        raise AlignMambaError(
-            f"selective_scan: {source}={name!r} is not one of {', '.join(BACKENDS)}"
-        )
-    return name, source
-
-
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -529,7 +514,7 @@ def selective_scan(
     once); elsewhere "torch". A forced backend that cannot run raises AlignMambaError.
     mamba-ssm has no ``initial_state``; auto skips it when one is given.
     """
-    name, source = _resolve_backend(backend)
+    name, source = env_choice(backend, BACKENDS, ENV_BACKEND, "selective_scan", "backend")
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     state_kw = {} if initial_state is None else {"initial_state": initial_state}
 
