@@ -24,6 +24,25 @@ from alignmamba.bench import WIDTHS, BenchSettings, _build, split_length
 from alignmamba.graphs import GraphedForward
 
 
+def measure(model: torch.nn.Module, length: int, reps: int) -> str:
+    """One line: the three median times at ``length`` tokens and the prediction difference."""
+    g = torch.Generator().manual_seed(length)
+    feats = {m: torch.randn(1, n, WIDTHS[m], generator=g).cuda()
+             for m, n in split_length(length).items()}
+
+    def eager():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(feats, None)
+
+    fast = GraphedForward(model)
+    diff = float((fast(feats).pred.float() - eager().pred.float()).abs().max())
+    graph, _, _, _ = next(iter(fast._graphs.values()))
+    times = {name: median_ms(fn, reps) for name, fn in
+             (("eager", eager), ("GraphedForward", lambda: fast(feats)), ("replay", graph.replay))}
+    return (f"  {length:7d} tokens: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
+            + f"; max |graphed - eager| {diff:.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[65536, 262144])
@@ -35,21 +54,7 @@ def main() -> None:
     model = _build("alignmamba", BenchSettings(device="cuda", dtype="bf16", batch=1)).cuda().eval()
     print(torch.cuda.get_device_name())
     for length in args.lengths:
-        g = torch.Generator().manual_seed(length)
-        feats = {m: torch.randn(1, n, WIDTHS[m], generator=g).cuda()
-                 for m, n in split_length(length).items()}
-
-        def eager():
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(feats, None)
-
-        fast = GraphedForward(model)
-        diff = float((fast(feats).pred.float() - eager().pred.float()).abs().max())
-        graph, _, _, _ = next(iter(fast._graphs.values()))
-        times = {name: median_ms(fn, args.reps) for name, fn in
-                 (("eager", eager), ("GraphedForward", lambda: fast(feats)), ("replay", graph.replay))}
-        print(f"  {length:7d} tokens: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
-              + f"; max |graphed - eager| {diff:.2e}", flush=True)
+        print(measure(model, length, args.reps), flush=True)
 
 
 if __name__ == "__main__":
