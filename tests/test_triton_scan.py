@@ -5,25 +5,16 @@ imported), so sizes stay tiny. On a CUDA machine the same tests run compiled, pl
 """
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_kernels import CUDA, import_kernels
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+ts = import_kernels("alignmamba.ssm.triton_scan", "_ssm_fwd_kernel")
 
-import alignmamba.ssm.triton_scan as ts
 from alignmamba.errors import AlignMambaError
 
-CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-if not CUDA and type(ts._ssm_fwd_kernel).__name__ != "InterpretedFunction":
-    # imported earlier without the interpreter flag: rebuild the kernels under it
-    ts = importlib.reload(ts)
 
 
 def _fast_interpreter_scan():
