@@ -238,12 +238,30 @@ def plan_from_assignment(index: Tensor, weight: Tensor, t_anchor: int) -> Tensor
     return plan.scatter_(-1, index[..., None], weight[..., None])
 
 
+def _add_at(out: Tensor, index: Tensor, values: Tensor, deterministic: bool | None = None) -> Tensor:
+    """out[b, index[b, i]] += values[b, i], out of place. out (B, T, *f), index (B, S),
+    values (B, S, *f).
+
+    A scatter-add, whose CUDA kernel adds colliding values in whatever order its threads run;
+    ``deterministic`` (None: on CUDA under ``torch.use_deterministic_algorithms``) uses an
+    index-add over the flattened batch instead, which PyTorch implements deterministically
+    there (same sums, fixed order)."""
+    if deterministic is None:
+        deterministic = out.is_cuda and torch.are_deterministic_algorithms_enabled()
+    B, T = out.shape[:2]
+    if not deterministic:
+        idx = index.view(*index.shape, *([1] * (values.dim() - 2))).expand_as(values)
+        return out.scatter_add(1, idx, values)
+    flat = (index + torch.arange(B, device=index.device)[:, None] * T).reshape(-1)
+    return out.reshape(B * T, *out.shape[2:]).index_add(
+        0, flat, values.reshape(-1, *values.shape[2:])).view(out.shape)
+
+
 def _scatter_align(src: Tensor, index: Tensor, weight: Tensor, t_anchor: int) -> Tensor:
     """out[b, index[b, i]] += weight[b, i] * src[b, i]: eq. 6 by scatter-add. -> (B, T_a, d)."""
     B, _, d = src.shape
-    out = src.new_zeros(B, t_anchor, d)
     contrib = src * weight.to(src.dtype)[..., None]
-    return out.scatter_add(1, index[..., None].expand(-1, -1, d), contrib)
+    return _add_at(src.new_zeros(B, t_anchor, d), index, contrib)
 
 
 def relaxed_ot_align(src: Tensor, anchor: Tensor, src_mask: Tensor | None = None,
@@ -262,8 +280,8 @@ def relaxed_ot_align(src: Tensor, anchor: Tensor, src_mask: Tensor | None = None
     index, weight = relaxed_ot_assign(src, anchor, src_mask, anchor_mask, time_beta, tile, kernel)
     Ta = anchor.shape[1]
     if normalize == "mean":
-        counts = torch.zeros(index.shape[0], Ta, device=src.device, dtype=weight.dtype)
-        counts.scatter_add_(1, index, (weight > 0).to(counts.dtype))
+        counts = _add_at(torch.zeros(index.shape[0], Ta, device=src.device, dtype=weight.dtype),
+                         index, (weight > 0).to(weight.dtype))
         w = (weight > 0).to(weight.dtype) / counts.gather(1, index).clamp(min=1)
         return _scatter_align(src, index, w, Ta)
     if normalize != "mass":

@@ -91,6 +91,32 @@ def test_align_equals_plan_transpose_src_and_gradients(pair):
     assert al.relaxed_ot_plan(src, anc, sm, am).requires_grad is False
 
 
+@pytest.mark.parametrize("feat", [(), (5,)], ids=["counts", "rows"])
+def test_deterministic_add_at_equals_scatter_add_with_gradients(feat):
+    """The index-add path (used on CUDA under torch.use_deterministic_algorithms) adds the same
+    values at the same places as the scatter-add, many sources landing on one row included."""
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 4, (3, 11), generator=g)  # 11 sources onto 4 rows: collisions
+    index[1] = 2  # a sample whose sources all land on one row
+    vals = torch.randn(3, 11, *feat, generator=g, dtype=torch.float64).requires_grad_(True)
+    base = torch.randn(3, 4, *feat, generator=g, dtype=torch.float64)
+    outs, grads = [], []
+    for det in (False, True):
+        out = al._add_at(base, index, vals, deterministic=det)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+        (gv,) = torch.autograd.grad((out * w).sum(), vals)
+        outs.append(out.detach())
+        grads.append(gv)
+    ref = base.clone()
+    for b in range(3):
+        for i in range(11):
+            ref[b, index[b, i]] += vals[b, i].detach()
+    torch.testing.assert_close(outs[0], ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs[1], ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)  # a gather either way
+    assert al._add_at(base, index, vals).shape == base.shape  # auto: scatter-add off CUDA
+
+
 def test_align_mean_normalisation(pair):
     src, anc, sm, am = pair
     plan = al.relaxed_ot_plan(src, anc, sm, am)
