@@ -319,6 +319,27 @@ def test_hostile_pickles_are_refused_naming_the_global(tmp_path, capsys):
     assert ("this" in sys.modules) == this_before  # the named module was never imported
 
 
+@pytest.mark.parametrize("put", [b"r" + (2**27).to_bytes(4, "little"), b"p134217728\n"],
+                         ids=["LONG_BINPUT", "PUT"])
+def test_huge_memo_index_allocates_nothing(tmp_path, put):
+    """A memo index is only a key: C's unpickler sized its memo array by it (a 1 KB fuzzed file
+    with LONG_BINPUT 875835693 took 15-27 s and ~14 GB here); 2**27 would be 2 GB."""
+    import tracemalloc
+
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(b"\x80\x02}" + put + b"X\x01\x00\x00\x00aK\x01s.")  # {'a': 1}
+    tracemalloc.start()
+    try:
+        from alignmamba.data.safe_pickle import safe_load
+        assert safe_load(path) == {"a": 1}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+    with pytest.raises(DataError, match="unknown layout"):  # loads, but is no dataset
+        load_dataset(path)
+
+
 def test_shared_reference_bomb_is_refused_quickly(tmp_path, capsys):
     # 2 KB of lists that each hold the previous one twice: 2**40 items once converted
     d = clean_mmsa()
