@@ -556,6 +556,33 @@ def test_cuda_kernel_failure_falls_back_unless_forced(which, forced, monkeypatch
     assert len([w for w in warned if "failed" in w]) == 1
 
 
+@pytest.fixture
+def deterministic(monkeypatch):
+    """torch.use_deterministic_algorithms(True) for one test (cuBLAS's fixed workspace with it)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
+def test_deterministic_mode_replaces_the_triton_backward(deterministic, monkeypatch):
+    """Under torch.use_deterministic_algorithms the Triton backward (dB, dC summed by atomics)
+    is not launched: autograd through the PyTorch scan gives every gradient, with a warning."""
+    monkeypatch.setattr(ts, "_launch_bwd", lambda *a: pytest.fail("the Triton backward ran"))
+    warned: list[str] = []
+    monkeypatch.setattr(ts, "_warn_once", lambda key, msg: warned.append(msg))
+    x = make_inputs(2, 6, 4, 40, 2, True, True, True, True, torch.float32, seed=5)
+    out, last, grads = run_with_grads(triton_fn(16, 2, bwd_kernel="triton"), x, True, True)
+    rout, rlast, rgrads = run_with_grads(ref_fn(torch.float64), x, True, True,
+                                         dtype_ref=torch.float64)
+    assert rel_err(out, rout) < 1e-5 and rel_err(last, rlast) < 1e-5
+    assert_grads_match(x, grads, rgrads)
+    msgs = [w for w in warned if "deterministic" in w]
+    assert len(msgs) == 1 and "PyTorch scan's backward" in msgs[0], warned
+
+
 def test_cuda_fwd_segments(h100_props):
     """The CUDA forward cuts time only when its warps leave sub-partitions idle: none at the
     issue shape (1536 warps for 528 sub-partitions), many for batch 1 x 512 channels, and
@@ -641,7 +668,7 @@ def test_cuda_backward_matches_float64(case, version, monkeypatch):
     calls = []
     real = ts.cuda_scan.selective_scan_bwd_cuda
     monkeypatch.setattr(ts.cuda_scan, "selective_scan_bwd_cuda",
-                        lambda *a: calls.append(a[2]) or real(*a))
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     x = make_inputs(bsz, D, N, L, G, has_d, has_z, has_bias, h0, torch.float32, seed=D + L,
                     softplus=softplus)
     out, _, grads = run_with_grads(triton_fn(bwd_segments=Sb, bwd_kernel="cuda"), x,
@@ -651,6 +678,31 @@ def test_cuda_backward_matches_float64(case, version, monkeypatch):
     assert len(calls) == 1 and (Sb is None or calls[0] == Sb)
     assert rel_err(out, rout) < 1e-5
     assert_grads_match(x, grads, rgrads)
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA backward (NVRTC) needs a CUDA device")
+@pytest.mark.parametrize("case", [CUDA_CASES[i] for i in (0, 2, 4)], ids=_case_id)
+def test_cuda_deterministic_backward(case, deterministic, monkeypatch):
+    """Under torch.use_deterministic_algorithms the CUDA backward is v11 with each channel
+    block's dB, dC in its own slice, summed in a fixed order (even where v9 is the default):
+    every gradient equals float64's and a second run repeats it bitwise."""
+    bsz, D, N, L, G, has_d, has_z, has_bias, softplus, last, h0, Sb = case
+    monkeypatch.setattr(ts.cuda_scan, "BWD_VERSION", 9)
+    calls = []
+    real = ts.cuda_scan.selective_scan_bwd_cuda
+    monkeypatch.setattr(ts.cuda_scan, "selective_scan_bwd_cuda",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    x = make_inputs(bsz, D, N, L, G, has_d, has_z, has_bias, h0, torch.float32, seed=D + L,
+                    softplus=softplus)
+    fn = triton_fn(bwd_segments=Sb, bwd_kernel="cuda")
+    runs = [run_with_grads(fn, x, softplus, last)[2] for _ in range(2)]
+    _, _, rgrads = run_with_grads(ref_fn(torch.float64), x, softplus, last,
+                                  dtype_ref=torch.float64)
+    assert calls == [{"version": 11, "deterministic": True}] * 2
+    assert_grads_match(x, runs[0], rgrads)
+    for k in GRAD_NAMES:
+        if x[k] is not None:
+            assert torch.equal(runs[0][k], runs[1][k]), k
 
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA forward (NVRTC) needs a CUDA device")

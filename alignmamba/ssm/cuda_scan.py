@@ -16,7 +16,7 @@ from torch import Tensor
 
 from alignmamba.ssm import nvrtc
 
-__all__ = ["BWD_VERSION", "SEG", "bwd_supported", "fwd_supported", "pick_fwd_segments", "pick_segments",
+__all__ = ["BWD_VERSION", "SEG", "bwd_supported", "det_slices", "fwd_supported", "pick_fwd_segments", "pick_segments",
            "selective_scan_adj_local_cuda", "selective_scan_bwd_cuda", "selective_scan_fwd_cuda"]
 
 SEG = 64          # checkpoint spacing the kernel walks (the forward's T * CK)
@@ -39,6 +39,11 @@ BWD4_CHANNELS_PER_BLOCK = 32
 BWD4_THREADS = 128
 BWD4_MIN_BLOCKS = 3       # __launch_bounds__: 168 registers, 3 resident blocks per SM
 BWD_SEEDS_COST = 0.25     # v11 picker: the seeds pass relative to one pass of the main kernel
+
+
+def det_slices(group_dim: int) -> int:
+    """Slices of dB, dC in the deterministic v11 backward: its channel blocks per group."""
+    return -(-group_dim // BWD4_CHANNELS_PER_BLOCK)
 
 
 def smem_bytes4() -> int:
@@ -144,9 +149,12 @@ def pick_segments(bsz: int, dim: int, groups: int, length: int, device: torch.de
 
 def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, delta_bias, h0,
                             ckpt, softplus, outs: tuple, rows: tuple | None = None,
-                            version: int | None = None) -> None:
+                            version: int | None = None, deterministic: bool = False) -> None:
     """Launch the backward kernel of ``version`` (None: :data:`BWD_VERSION`; 11: ``ssm_bwd4``,
     9: ``ssm_bwd``) on all (channel block, batch, time segment) at once.
+    ``deterministic``: v11 only; each channel block stores its dB, dC sums in its own slice
+    (dB, dC of ``outs`` then (:func:`det_slices`, B, G, N, L), to be summed over dim 0 by the
+    caller) instead of adding them with atomics in whatever order the blocks run.
 
     Shapes as in ``triton_scan._bwd``: u, delta, z, dout (B, D, L) contiguous, one dtype (as
     ``_bwd`` passes them); A (D, N); Bg, Cg (B, G, N, L) fp32 with contiguous time; ckpt
@@ -160,8 +168,11 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
     groups, dstate = Bg.shape[1], A.shape[1]
     dg = dim // groups
     v11 = (version or BWD_VERSION) == 11
+    assert v11 or not deterministic, "the deterministic backward is v11's"
     ch = BWD4_CHANNELS_PER_BLOCK if v11 else CHANNELS_PER_BLOCK
     n_blk_g = -(-dg // ch)
+    if deterministic:
+        assert dB.shape == (n_blk_g, bsz, groups, dstate, length) == dC.shape, dB.shape
     dev, f32 = u.device, torch.float32
     if v11:
         Bg, Cg = rows if rows is not None else (rows16(Bg), rows16(Cg))
@@ -179,7 +190,7 @@ def selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z, d
     expr = f"{name}<{_DTYPES[u.dtype]}, " + ", ".join("true" if f else "false"
                                                       for f in flags) + ">"
     smem = smem_bytes4() if v11 else smem_bytes(ch)
-    opts = (f"-DMINB4={BWD4_MIN_BLOCKS}",) if v11 else (f"-DCH={ch}",)
+    opts = (f"-DMINB4={BWD4_MIN_BLOCKS}", f"-DDET4={int(deterministic)}") if v11 else (f"-DCH={ch}",)
     kern = nvrtc.get_kernel("scan_bwd.cu", expr, dev, smem, opts)
     n_ck = ckpt.shape[1]
     kern((groups * n_blk_g, bsz, S), BWD4_THREADS if v11 else 2 * ch, smem, [

@@ -362,7 +362,8 @@ __global__ void __launch_bounds__(NT, 1) ssm_bwd(
 //      each step by a transpose-reduce over the 8 lanes of a state group (shuffles: the
 //      shared-memory pipe is the busiest unit), the 4 warps' sums through sRB;
 //   F  lane q: du and ddelta of its 2 steps; then one fp32 atomic per (kind, state, step)
-//      per block adds the block's dB, dC to global memory.
+//      per block adds the block's dB, dC to global memory (with DET4, a plain store into the
+//      block's slice).
 #define Q4 4          // lanes (state groups) per channel
 #define S4 4          // states per lane
 #define C4 8          // channels per warp
@@ -375,6 +376,12 @@ __global__ void __launch_bounds__(NT, 1) ssm_bwd(
 #define RBROW 9       // floats per value row of sRB: 8 steps + padding
 #ifndef MINB4
 #define MINB4 3       // resident blocks per SM the register budget must allow
+#endif
+#ifndef DET4
+// 1: deterministic dB, dC. Each channel block of a group stores its sums in its own slice of
+// dB, dC, then (n_blk_g, B, G, N, L), and the launcher adds the slices in a fixed order; 0: one
+// fp32 atomic per value and block, whose order (and so the last bits) varies between runs.
+#define DET4 0
 #endif
 // shared memory of ssm_bwd4, offsets in floats (every region 16-byte aligned)
 #define SM4_BC 0                                     // [2][SEG * 4] float4: B, C rows
@@ -443,7 +450,8 @@ __global__ void __launch_bounds__(NT4, MINB4) ssm_bwd4(
     typename Elem<DT>::T* __restrict__ du, typename Elem<DT>::T* __restrict__ ddt,
     typename Elem<DT>::T* __restrict__ dz,
     float* __restrict__ dA_part,      // (B * S, D, N)
-    float* __restrict__ dB, float* __restrict__ dC,  // (B, G, N, L), zeroed; atomics
+    float* __restrict__ dB, float* __restrict__ dC,  // (B, G, N, L), zeroed; atomics (DET4:
+                                                     // (n_blk_g, B, G, N, L), stores)
     float* __restrict__ dD_part, float* __restrict__ dbias_part,  // (B * S, D)
     float* __restrict__ dh0,          // (B, D, N)
     int L, int D, int N, int G, int Dg, int n_blk_g, int n_ck, int ck_per_seg) {
@@ -503,8 +511,9 @@ __global__ void __launch_bounds__(NT4, MINB4) ssm_bwd4(
         }
     }
     const long bc_base = ((long)b * G + g) * L * NP;
-    float* const dBb = dB + ((long)b * G + g) * N * L;
-    float* const dCb = dC + ((long)b * G + g) * N * L;
+    const long slice = DET4 ? (long)(blk % n_blk_g) * gridDim.y * G * N * L : 0;
+    float* const dBb = dB + slice + ((long)b * G + g) * N * L;
+    float* const dCb = dC + slice + ((long)b * G + g) * N * L;
     const float4* const sB = sBC;
     const float4* const sC = sBC + SEG * 4;
     float4* const sXw = sX + warp * (SEG / 2) * C4;  // this warp's (delta, x) pairs
@@ -768,7 +777,11 @@ __global__ void __launch_bounds__(NT4, MINB4) ssm_bwd4(
                 float acc = 0.f;
 #pragma unroll
                 for (int w = 0; w < W4; ++w) acc += sRB[((rb * W4 + w) * 32 + i) * RBROW + st];
-                if (n < N && t < L) atomicAdd((i >> 4 ? dCb : dBb) + (long)n * L + t, acc);
+                if (n < N && t < L) {
+                    float* const dst = (i >> 4 ? dCb : dBb) + (long)n * L + t;
+                    if (DET4) *dst = acc;  // this block's only write of this value
+                    else atomicAdd(dst, acc);
+                }
             }
             rb ^= 1;  // the other buffer's readers passed the barrier above
         }

@@ -1032,19 +1032,22 @@ def _pick_kernel(which: str, kernel: str | None, u: Tensor, delta: Tensor, z: Te
     return "triton"
 
 
-def _bwd_outputs(u, delta, z, D, delta_bias, h0, groups: int, dstate: int, S: int) -> tuple:
+def _bwd_outputs(u, delta, z, D, delta_bias, h0, groups: int, dstate: int, S: int,
+                 slices: int = 0) -> tuple:
     """The gradient buffers either backward kernel writes: du, ddelta, dz (B, D, L)
     contiguous (the CUDA kernel indexes them so); dA partials (B*S, D, N); dB, dC
-    (B, G, N, L) fp32 zeroed (atomics); dD and d(delta_bias) partials (B*S, D); dh0 (B, D, N);
-    None where the input is absent."""
+    (B, G, N, L) fp32 zeroed (atomics), or (slices, B, G, N, L) for the deterministic CUDA
+    backward; dD and d(delta_bias) partials (B*S, D); dh0 (B, D, N); None where the input is
+    absent."""
     bsz, dim, length = u.shape
     dev, f32 = u.device, torch.float32
     du = torch.empty(u.shape, device=dev, dtype=u.dtype)
     ddelta = torch.empty(u.shape, device=dev, dtype=delta.dtype)
     dz = torch.empty(u.shape, device=dev, dtype=z.dtype) if z is not None else None
     dA_part = torch.empty(bsz * S, dim, dstate, device=dev, dtype=f32)
-    dBg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
-    dCg = torch.zeros(bsz, groups, dstate, length, device=dev, dtype=f32)
+    bc_shape = ((slices,) if slices else ()) + (bsz, groups, dstate, length)
+    dBg = torch.zeros(bc_shape, device=dev, dtype=f32)
+    dCg = torch.zeros(bc_shape, device=dev, dtype=f32)
     dD_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(bsz * S, dim, device=dev, dtype=f32) if delta_bias is not None \
         else None
@@ -1060,12 +1063,22 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
     None: the picker of the kernel that runs. ``kernel``: "cuda"/"cuda-auto" (KERNEL_NOTES v9
     and v10: ``cuda_scan``'s seeds and main kernels; "cuda-auto" falls back to Triton with a
     one-time warning if NVRTC fails) or "triton" (``_adj_local_kernel``, ``_ssm_bwd_kernel``)."""
+    # under torch.use_deterministic_algorithms: the CUDA backward's deterministic variant
+    # (v11, dB/dC per channel block summed in a fixed order); the Triton kernel sums dB/dC
+    # with atomics and has none, so autograd through the PyTorch scan replaces it
+    det = torch.are_deterministic_algorithms_enabled()
+    if det and kernel == "triton":
+        _warn_once("bwd_deterministic", "alignmamba: deterministic algorithms are on and the "
+                   "CUDA scan backward cannot run here; using the PyTorch scan's backward "
+                   "(slower) instead of the Triton one, whose dB/dC sums use atomics")
+        return _bwd_torch(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus)
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     At = A.t().contiguous()
     seg_arg = segments
+    version = 11 if det else cuda_scan.BWD_VERSION
     if segments is None:
-        segments = (cuda_scan.pick_segments(bsz, dim, groups, length, u.device)
+        segments = (cuda_scan.pick_segments(bsz, dim, groups, length, u.device, version)
                     if kernel.startswith("cuda") else
                     pick_bwd_segments(bsz, dim, groups, length, cfg, u.device))
     step = cfg.BL * cfg.CK
@@ -1075,14 +1088,15 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
         z = z.contiguous() if z is not None else None
         try:
             # B, C one row of states per step: the seeds pass reads C so, and v11 both
-            rows = (cuda_scan.rows16(Bg) if cuda_scan.BWD_VERSION == 11 else None,
-                    cuda_scan.rows16(Cg))
+            rows = (cuda_scan.rows16(Bg) if version == 11 else None, cuda_scan.rows16(Cg))
             seeds, S, ck_per = _bwd_seeds(dout, dlast, delta, A, At, Cg, z, delta_bias, softplus,
                                           step, max(1, int(segments)), kernel, rows[1])
-            outs = _bwd_outputs(u, delta, z, D, delta_bias, h0, groups, dstate, S)
+            outs = _bwd_outputs(u, delta, z, D, delta_bias, h0, groups, dstate, S,
+                                cuda_scan.det_slices(dim // groups) if det else 0)
             cuda_scan.selective_scan_bwd_cuda(dout, seeds, S, ck_per, u, delta, A, Bg, Cg, D, z,
                                               delta_bias, h0, ckpt, softplus, outs,
-                                              rows if rows[0] is not None else None)
+                                              rows if rows[0] is not None else None,
+                                              version=version, deterministic=det)
         except nvrtc.NvrtcError as exc:
             _cuda_failed("bwd", kernel, exc, u.device)
             return _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
@@ -1094,10 +1108,34 @@ def _bwd(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, ckpt, softplus,
         _launch_bwd(dout, seeds, S, ck_per, u, delta, At, Bg, Cg, D, z, delta_bias, h0, ckpt,
                     softplus, cfg, outs)
     du, ddelta, dz, dA_part, dBg, dCg, dD_part, dbias_part, dh0 = outs
+    if dBg.dim() == 5:  # the deterministic backward's per-block slices
+        dBg, dCg = dBg.sum(0), dCg.sum(0)
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if dD_part is not None else None
     dbias = dbias_part.sum(0) if dbias_part is not None else None
     return du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0
+
+
+def _bwd_torch(dout, dlast, u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus) -> tuple:
+    """The backward by autograd through the PyTorch chunked scan (deterministic where the
+    Triton backward is not); arguments and results as :func:`_bwd`'s."""
+    from alignmamba.ssm.scan import selective_scan_chunked
+
+    ins = (u, delta, A, Bg, Cg, D, z, delta_bias, h0)
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in ins]
+    with torch.enable_grad():
+        out, last = selective_scan_chunked(*leaves[:8], delta_softplus=softplus,
+                                           return_last_state=True, initial_state=leaves[8])
+        outs, gouts = [out], [dout]
+        if dlast is not None:
+            outs.append(last)
+            gouts.append(dlast)
+        used = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(outs, used, gouts, allow_unused=True))
+    res = [next(grads) if t is not None else None for t in leaves]
+    res = [torch.zeros_like(t) if g is None and t is not None else g for g, t in zip(res, leaves)]
+    du, ddelta, dA, dBg, dCg, dD, dz, dbias, dh0 = res
+    return du, ddelta, dA, dBg.float(), dCg.float(), dD, dz, dbias, dh0
 
 
 def _launch_bwd(dout, seeds, S, ck_per, u, delta, At, Bg, Cg, D, z, delta_bias, h0, ckpt,
