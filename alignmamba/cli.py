@@ -47,6 +47,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
                    help="on CUDA, replay forward and backward of full batches as CUDA graphs "
                         "(train.cuda_graphs=true; falls back to eager with a warning where unsupported)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="PyTorch's deterministic algorithms: a CUDA run repeats bitwise on the same machine "
+                        "and software, somewhat slower (train.deterministic=true)")
     p.set_defaults(func=cmd_train)
 
 
@@ -55,7 +58,8 @@ _RESUME_CONFLICTS = {"config": "--config", "dataset": "--dataset", "data": "--da
                      "out": "--out", "seeds": "--seeds", "epochs": "--epochs", "device": "--device",
                      "missing_protocol": "--missing-protocol", "missing_rate": "--missing-rate",
                      "text_encoder": "--text-encoder", "bert_path": "--bert-path", "overrides": "--set",
-                     "seed_parallel": "--seeds-parallel", "cuda_graphs": "--cuda-graphs"}
+                     "seed_parallel": "--seeds-parallel", "cuda_graphs": "--cuda-graphs",
+                     "deterministic": "--deterministic"}
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -80,7 +84,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                          epochs=a.epochs, device=a.device, quiet=a.quiet, model=a.model,
                          missing_protocol=a.missing_protocol, missing_rate=a.missing_rate,
                          text_encoder=a.text_encoder, bert_path=a.bert_path, seed_parallel=a.seed_parallel,
-                         cuda_graphs=a.cuda_graphs)
+                         cuda_graphs=a.cuda_graphs, deterministic=a.deterministic)
     if a.nproc is not None:
         return distributed.launch_torchrun(cfg, a.argv, a.nproc)
     try:

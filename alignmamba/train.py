@@ -21,6 +21,7 @@ swapped in whole, so a killed run never leaves a half-written file or checkpoint
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -30,7 +31,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,10 @@ class TrainConfig:
     # step"): forward and backward replayed as graphs, the split kept on the GPU, fused AdamW.
     # Ignored with one warning on CPU, under DDP, with missing-modality training or BERT text.
     cuda_graphs: bool = False
+    # PyTorch's deterministic algorithms for the run (deterministic_mode): a CUDA run repeats
+    # bitwise (same machine, same software); our kernels follow the flag (the scan's backward
+    # sums dB/dC per channel block in a fixed order, the OT aggregation index-adds). Slower.
+    deterministic: bool = False
 
 
 @dataclass
@@ -182,6 +187,7 @@ def resolve_config(dataset: str | None = None, config_file: str | None = None,
     flag_map = {"data": "data.path", "out": "train.out", "seeds": "train.seeds", "epochs": "train.epochs",
                 "device": "train.device", "quiet": "train.quiet", "model": "model.model",
                 "seed_parallel": "train.seed_parallel", "cuda_graphs": "train.cuda_graphs",
+                "deterministic": "train.deterministic",
                 "missing_protocol": "data.missing_protocol", "missing_rate": "data.missing_rate",
                 "text_encoder": "model.text_encoder", "bert_path": "model.bert_path"}
     for k, v in flags.items():
@@ -487,13 +493,44 @@ def make_loaders(cfg: ExperimentConfig, ds, seed: int, rank: int = 0, world: int
 
 # ------------------------------------------------------------------ the loop
 
+@contextlib.contextmanager
+def deterministic_mode(on: bool) -> Iterator[None]:
+    """``train.deterministic``: ``torch.use_deterministic_algorithms(True)``, cuDNN's
+    deterministic algorithms and no autotuning for the duration, then the previous settings.
+
+    cuBLAS needs a fixed workspace configuration for repeatable matmuls:
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 is set when the environment has none (it stays set)."""
+    if not on:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,
+            cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        cudnn.deterministic, cudnn.benchmark = prev[2], prev[3]
+
+
 def train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log=print,
                    resume: bool = False) -> dict[str, Any]:
     """Train, select on validation loss, reload the best weights, test. Returns the seed's record.
 
     ``out_dir/last`` is saved after every epoch; with ``resume`` training continues from it
-    and ends with exactly the metrics of an uninterrupted run (on CPU).
+    and ends with exactly the metrics of an uninterrupted run (on CPU; on CUDA too with
+    ``train.deterministic``).
     """
+    with deterministic_mode(cfg.train.deterministic):
+        return _train_one_seed(cfg, ds, seed, out_dir, log, resume)
+
+
+def _train_one_seed(cfg: ExperimentConfig, ds, seed: int, out_dir: Path, log, resume: bool
+                    ) -> dict[str, Any]:
     from . import train_state as ts
 
     tc, oc = cfg.train, cfg.optim

@@ -255,6 +255,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch chunked path")
     ap.add_argument("--sweep", action="store_true", help="also time tile-shape variants")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also time the default path under torch.use_deterministic_algorithms")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--bwd-segs", type=int, nargs="*", default=None, metavar="S",
                     help="time the CUDA backward at these segment counts (0 = auto) beside "
@@ -302,6 +304,15 @@ def main() -> None:
         functools.partial(selective_scan_triton, fwd_kernel="triton"), x, dout, args.reps)
     result["triton_bwd_kernel"] = time_path(
         functools.partial(selective_scan_triton, bwd_kernel="triton"), x, dout, args.reps)
+    if args.deterministic:  # the same calls under torch.use_deterministic_algorithms
+        from alignmamba.train import deterministic_mode
+
+        with deterministic_mode(True):
+            det = time_path(selective_scan_triton, x, dout, args.reps)
+        result["deterministic_scan"] = det
+        print(f"  deterministic: bwd {det['bwd_ms']:.3f} ms against {tri['bwd_ms']:.3f} ms "
+              f"({det['bwd_ms'] / tri['bwd_ms']:.2f}x), fwd+bwd {det['fwd_bwd_ms']:.3f} ms",
+              flush=True)
     if args.fwd_segs is not None:
         result["fwd_kernels"] = fwd_kernels(x, args.fwd_segs, args.fwd_opts, args.reps)
     if args.bwd_segs is not None:

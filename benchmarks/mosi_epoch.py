@@ -11,6 +11,7 @@ Modes (the same data, seed and config otherwise):
   a  eager step, ``model.scan_backend=torch`` (the pure-PyTorch chunked scan): the baseline
   b  eager step, scan backend auto (Triton on CUDA when importable)
   c  ``train.cuda_graphs=true``, scan backend auto (CUDA only; skipped elsewhere)
+  d, e  b and c with ``train.deterministic=true`` (not in the default ``--modes abc``)
 
     python benchmarks/mosi_epoch.py --json mosi_epoch.json        # on the GPU
     python benchmarks/mosi_epoch.py --small --device cpu          # tiny sizes, checks the script
@@ -37,6 +38,9 @@ MODES: dict[str, tuple[str, list[str]]] = {
     "a": ("eager, torch scan", ["model.scan_backend=torch"]),
     "b": ("eager, auto scan", ["model.scan_backend=auto"]),
     "c": ("cuda graphs, auto scan", ["model.scan_backend=auto", "train.cuda_graphs=true"]),
+    "d": ("eager, auto scan, deterministic", ["model.scan_backend=auto", "train.deterministic=true"]),
+    "e": ("cuda graphs, auto scan, deterministic", ["model.scan_backend=auto", "train.cuda_graphs=true",
+                                                    "train.deterministic=true"]),
 }
 
 MOSI = ["data.synthetic_n_train=1284", "data.synthetic_n_valid=229", "data.synthetic_n_test=686",
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny data and model (CPU check of the script)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     ap.add_argument("--epochs", type=int, default=4, help="epochs per mode; the first is the warm-up")
-    ap.add_argument("--modes", default="abc", help="which of a, b, c to run (default abc)")
+    ap.add_argument("--modes", default="abc", help="which of a, b, c, d, e to run (default abc)")
     ap.add_argument("--no-amp", action="store_true", help="fp32 (default: bf16 autocast on CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="mosi_epoch_") as tmp:
         for key in args.modes:
-            if key == "c" and device.type != "cuda":
+            if key in "ce" and device.type != "cuda":
                 skipped[key] = f"CUDA graphs need CUDA (device {device})"
                 continue
             results[key] = r = run_mode(key, base, ds, args.epochs, Path(tmp))
@@ -118,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         r["speedup_vs_a"] = ref / r["median_s"] if ref else None
     print(f"\nMOSI-sized epoch ({'small' if args.small else 'full'} sizes, train + validation), "
           f"median of epochs 2..{args.epochs}:")
-    print(f"{'mode':<30}{'epoch s':>10}{'first s':>10}{'vs (a)':>9}")
+    print(f"{'mode':<42}{'epoch s':>10}{'first s':>10}{'vs (a)':>9}")
     for key, r in results.items():
         sp = f"{r['speedup_vs_a']:.2f}x" if r["speedup_vs_a"] else "-"
-        print(f"({key}) {r['name']:<26}{r['median_s']:>10.3f}{r['first_epoch_s']:>10.3f}{sp:>9}")
+        print(f"({key}) {r['name']:<38}{r['median_s']:>10.3f}{r['first_epoch_s']:>10.3f}{sp:>9}")
     for key, why in skipped.items():
-        print(f"({key}) {MODES[key][0]:<26}  skipped: {why}")
+        print(f"({key}) {MODES[key][0]:<38}  skipped: {why}")
     for key, r in results.items():
         for w in r["warnings"]:
             print(f"  ({key}) warning: {w}")

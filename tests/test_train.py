@@ -1,0 +1,89 @@
+"""train.deterministic (train.py ``deterministic_mode``): the flags it sets and restores, the CLI
+flag, the same results as the default run on CPU; on CUDA (skipped elsewhere) two runs repeat
+bitwise, weights included.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignmamba import train as T
+from alignmamba.cli import main
+
+TINY = ["data.synthetic_n_train=52", "data.synthetic_n_valid=20", "data.synthetic_n_test=12",
+        "model.d_model=40", "model.n_layers=1", "model.d_state=4", "data.batch_size=16",
+        "data.eval_batch_size=8", "train.quiet=true", "train.patience=50", "train.epochs=2"]
+
+
+def _flags() -> tuple:
+    cudnn = torch.backends.cudnn
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,
+            cudnn.benchmark)
+
+
+def test_deterministic_mode_sets_and_restores_the_flags(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = _flags()
+    assert before[0] is False  # the suite runs without it
+    with T.deterministic_mode(False):
+        assert _flags() == before
+    with T.deterministic_mode(True):
+        assert _flags()[:3] == (True, False, True) and _flags()[3] is False
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert _flags() == before
+    with pytest.raises(RuntimeError, match="boom"), T.deterministic_mode(True):
+        raise RuntimeError("boom")
+    assert _flags() == before
+
+
+def test_deterministic_flag_sets_the_config_and_resume_refuses_it(tmp_path, capsys):
+    assert T.TrainConfig().deterministic is False  # documented default: off
+    assert T.resolve_config(None, None, [], deterministic=True).train.deterministic is True
+    assert T.resolve_config(None, None, ["train.deterministic=true"]).train.deterministic is True
+    assert main(["train", "--resume", str(tmp_path), "--deterministic"]) == 2
+    assert "--deterministic" in capsys.readouterr().err
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict]:
+    cfg = T.resolve_config("synthetic", overrides=[*TINY, f"train.out={tmp_path / name}", *extra])
+    seen = []
+    real = T._train_one_seed
+
+    def spy(*a, **k):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*a, **k)
+
+    T._train_one_seed = spy
+    try:
+        metrics = T.run_experiment(cfg, log=lambda *a: None)
+    finally:
+        T._train_one_seed = real
+    assert seen == [cfg.train.deterministic]
+    assert torch.are_deterministic_algorithms_enabled() is False  # restored after the run
+    weights = load_file(str(tmp_path / name / "seed_1111" / "best" / "model.safetensors"))
+    return metrics, weights
+
+
+def test_deterministic_cpu_run_equals_the_default_run(tmp_path):
+    """On CPU every kernel is deterministic already: the flag changes nothing in the results."""
+    m0, w0 = _run(tmp_path, "default", "train.device=cpu")
+    m1, w1 = _run(tmp_path, "det", "train.device=cpu", "train.deterministic=true")
+    assert m0["test"] == m1["test"] and m0["seeds"][0]["valid_loss"] == m1["seeds"][0]["valid_loss"]
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deterministic_cuda_runs_repeat_bitwise(tmp_path):
+    """Two CUDA runs with train.deterministic (bf16 autocast, the CUDA scan, 80 channels = 3
+    channel blocks per group whose dB/dC sums meet, OT collisions) end with the same weights
+    and metrics, bit for bit."""
+    runs = [_run(tmp_path, f"r{i}", "train.device=cuda", "train.deterministic=true")
+            for i in range(2)]
+    (m0, w0), (m1, w1) = runs
+    assert m0["test"] == m1["test"] and m0["seeds"][0]["valid_loss"] == m1["seeds"][0]["valid_loss"]
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
