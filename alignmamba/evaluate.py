@@ -53,10 +53,19 @@ def check_data_fits(ds, mcfg, where: str) -> None:
 
 
 def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
+    """``alignmamba evaluate``: under the checkpoint's ``train.deterministic`` setting, so that a
+    deterministic run's checkpoint evaluates to the same bits on CUDA as well."""
+    from .train import deterministic_mode
+
+    model, mcfg, exp, ds, dev = load_for_checkpoint(a.checkpoint, a.data, a.device)
+    with deterministic_mode(exp.train.deterministic):
+        return _evaluate(a, model, mcfg, exp, ds, dev)
+
+
+def _evaluate(a: argparse.Namespace, model, mcfg, exp, ds, dev) -> dict[str, Any]:
     from .data import make_loader
     from .train import evaluate_model, format_table
 
-    model, mcfg, exp, ds, dev = load_for_checkpoint(a.checkpoint, a.data, a.device)
     if a.split not in ds.splits:
         raise DataError(f"{ds.source}: no split '{a.split}'")
     if getattr(a, "missing_rates", None):

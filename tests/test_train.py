@@ -87,3 +87,26 @@ def test_deterministic_cuda_runs_repeat_bitwise(tmp_path):
     (m0, w0), (m1, w1) = runs
     assert m0["test"] == m1["test"] and m0["seeds"][0]["valid_loss"] == m1["seeds"][0]["valid_loss"]
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_evaluate_follows_the_checkpoint_setting(tmp_path, monkeypatch, capsys):
+    """``alignmamba evaluate`` runs a deterministic run's checkpoint under the same mode (and
+    gives its training record's test metrics); a default checkpoint evaluates without it."""
+    import json
+
+    seen = []
+    real = T.evaluate_model
+    monkeypatch.setattr(T, "evaluate_model",
+                        lambda *a, **k: seen.append(torch.are_deterministic_algorithms_enabled())
+                        or real(*a, **k))
+    for name, det in (("det", "true"), ("default", "false")):
+        metrics, _ = _run(tmp_path, name, "train.device=cpu", f"train.deterministic={det}")
+        seen.clear()
+        out = tmp_path / f"{name}.json"
+        best = tmp_path / name / "seed_1111" / "best"
+        assert main(["evaluate", "--checkpoint", str(best), "--device", "cpu", "--json", str(out)]) == 0
+        assert seen == [det == "true"]
+        got = json.loads(out.read_text())
+        assert {k: got[k] for k in metrics["test"]} == metrics["test"]
+    assert torch.are_deterministic_algorithms_enabled() is False
+    capsys.readouterr()
