@@ -319,25 +319,52 @@ def test_hostile_pickles_are_refused_naming_the_global(tmp_path, capsys):
     assert ("this" in sys.modules) == this_before  # the named module was never imported
 
 
-@pytest.mark.parametrize("put", [b"r" + (2**27).to_bytes(4, "little"), b"p134217728\n"],
-                         ids=["LONG_BINPUT", "PUT"])
-def test_huge_memo_index_allocates_nothing(tmp_path, put):
-    """A memo index is only a key: C's unpickler sized its memo array by it (a 1 KB fuzzed file
-    with LONG_BINPUT 875835693 took 15-27 s and ~14 GB here); 2**27 would be 2 GB."""
+_HUGE = (2**27).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("blob, needle", [
+    # {'a': 1} memoized at index 2**27: the C unpickler sized its memo array by it (2 GiB here;
+    # a 1 KB fuzzed file with LONG_BINPUT 875835693 took 15-27 s and ~14 GB)
+    (b"\x80\x02}r" + _HUGE + b"X\x01\x00\x00\x00aK\x01s.", "LONG_BINPUT memo index 134217728"),
+    (b"(dp134217728\nVa\nI1\ns.", "PUT memo index 134217728"),
+    # payloads longer than the file: allocated from the declared length before reading (a
+    # fuzzed BYTEARRAY8 of 597 GB got a 128 GB host's pickle test killed)
+    (b"\x80\x05\x96" + (597 * 2**30).to_bytes(8, "little") + b"xx.", "BYTEARRAY8 of 641023"),
+    (b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"xx.", "BINBYTES8 of 1099511627776"),
+    (b"\x80\x04\x8d" + (2**40).to_bytes(8, "little") + b"xx.", "BINUNICODE8 of"),
+    (b"\x80\x03B\xff\xff\xff\x7fxx.", "BINBYTES of 2147483647 bytes, 3 left"),
+    (b"\x80\x04\x95" + (2**33).to_bytes(8, "little") + b"N.", "FRAME of 8589934592"),
+], ids=["LONG_BINPUT", "PUT", "BYTEARRAY8", "BINBYTES8", "BINUNICODE8", "BINBYTES", "FRAME"])
+def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path, blob, needle):
     import tracemalloc
 
-    path = tmp_path / "memo.pkl"
-    path.write_bytes(b"\x80\x02}" + put + b"X\x01\x00\x00\x00aK\x01s.")  # {'a': 1}
+    from alignmamba.data.safe_pickle import safe_load
+
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(blob)
     tracemalloc.start()
     try:
-        from alignmamba.data.safe_pickle import safe_load
-        assert safe_load(path) == {"a": 1}
+        with pytest.raises(DataError) as info:
+            safe_load(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 16 * 2**20, peak
-    with pytest.raises(DataError, match="unknown layout"):  # loads, but is no dataset
-        load_dataset(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: not a readable pickle") and needle in msg and "\n" not in msg, msg
+
+
+def test_opcode_walk_accepts_real_pickles_and_rewinds():
+    from alignmamba.data.safe_pickle import check_opcodes
+
+    obj = {"a": [np.arange(5.0), "x" * 300, b"y" * 70000, bytearray(b"z" * 9), 2**70, 1.5],
+           "b": (None, True, {1, 2}, frozenset([3]))}
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        blob = pickle.dumps([obj, obj["a"]], protocol=proto)  # shared references: memo GETs
+        f = io.BytesIO(b"junk" + blob)
+        f.seek(4)
+        check_opcodes(f, len(blob) + 4)
+        assert f.tell() == 4
 
 
 def test_shared_reference_bomb_is_refused_quickly(tmp_path, capsys):

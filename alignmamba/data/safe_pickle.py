@@ -21,6 +21,10 @@ numpy's own pickling produces, because numpy trusts its pickles:
 * ``set``, ``frozenset``, ``bytes``, ``bytearray`` and ``_codecs.encode`` accept only
   the arguments pickle itself writes (never ``bytearray(10**12)``).
 
+Before unpickling, :func:`check_opcodes` walks the opcodes and refuses what the C unpickler
+would allocate from a number in the file: a memo index beyond the opcodes read so far, a
+payload or frame longer than the bytes left.
+
 After loading, the guard objects are replaced by plain ndarrays and dtypes.
 Every failure, hostile or merely corrupt, surfaces as a one-line
 :class:`~alignmamba.errors.DataError` naming the file.
@@ -31,6 +35,8 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import pickletools
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +50,7 @@ try:  # numpy >= 2 (and 1.26's forward-compat alias)
 except ImportError:  # pragma: no cover - numpy < 1.26
     from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
 
-__all__ = ["SafeUnpickler", "safe_load"]
+__all__ = ["SafeUnpickler", "check_opcodes", "safe_load"]
 
 _REFUSED = (
     "refused to load global '{module}.{name}' "
@@ -332,16 +338,73 @@ def check_expansion(obj: Any, file_size: int, source: str) -> None:
         done[key] = total
 
 
-class SafeUnpickler(pickle._Unpickler):
-    """Python's unpickler whose globals come only from a fixed allow-list.
+# counted payloads: the width and format of the count (pickletools' argument kinds)
+_COUNTS = {pickletools.TAKEN_FROM_ARGUMENT1: "<B", pickletools.TAKEN_FROM_ARGUMENT4: "<i",
+           pickletools.TAKEN_FROM_ARGUMENT4U: "<I", pickletools.TAKEN_FROM_ARGUMENT8U: "<Q"}
 
-    ``load()`` may return guard objects; :func:`safe_load` replaces them.
 
-    The pure-Python unpickler, not the C one: the C unpickler keeps its memo in an array
-    sized by the largest index a PUT names, so a 1 KB file with ``LONG_BINPUT 875835693``
-    made it allocate and zero ~14 GB (15-27 s here) before failing; this one keeps a dict.
-    Feature pickles are a few thousand opcodes around large byte payloads, so it loads them
-    about as fast (a MOSI-sized 445 MB file: 0.27-0.33 s against 0.24-0.25 s).
+def check_opcodes(f: Any, size: int) -> None:
+    """Walk the opcode stream of the open pickle ``f`` (``size`` bytes) without building
+    anything, and refuse the two things the C unpickler trusts: a memo index beyond the
+    opcodes read so far (pickle numbers its memo 0, 1, 2, ...; the C unpickler sizes its memo
+    array by the largest index, so a 1 KB file with ``LONG_BINPUT 875835693`` made it allocate
+    and zero ~14 GB) and a payload or frame longer than the bytes left (what it allocates
+    before reading). Payloads are skipped, not read. Stops quietly where the stream ends or
+    stops making sense, which the unpickler then reports; leaves ``f`` where it was."""
+    start = f.tell()
+    try:
+        ops = 0
+        while True:
+            code = f.read(1)
+            op = pickletools.code2op.get(code.decode("latin-1")) if code else None
+            if op is None or op.name == "STOP":
+                return
+            ops += 1
+            arg = op.arg
+            if arg is None:
+                continue
+            idx = None
+            if arg.n >= 0:
+                raw = f.read(arg.n)
+                if len(raw) < arg.n:
+                    return
+                if op.name in ("BINPUT", "LONG_BINPUT"):
+                    idx = int.from_bytes(raw, "little")
+                elif op.name == "FRAME" and int.from_bytes(raw, "little") > size - f.tell():
+                    raise pickle.UnpicklingError(
+                        f"FRAME of {int.from_bytes(raw, 'little')} bytes, {size - f.tell()} left")
+            elif arg.n == pickletools.UP_TO_NEWLINE:
+                line = f.readline()
+                if arg.name == "stringnl_noescape_pair":
+                    f.readline()
+                if op.name == "PUT":
+                    try:
+                        idx = int(line)
+                    except ValueError:
+                        return
+            else:
+                fmt = _COUNTS[arg.n]
+                raw = f.read(struct.calcsize(fmt))
+                if len(raw) < struct.calcsize(fmt):
+                    return
+                count = struct.unpack(fmt, raw)[0]
+                if count < 0:
+                    return
+                if count > size - f.tell():
+                    raise pickle.UnpicklingError(
+                        f"{op.name} of {count} bytes, {size - f.tell()} left")
+                f.seek(count, os.SEEK_CUR)
+            if idx is not None and idx >= ops:
+                raise pickle.UnpicklingError(f"{op.name} memo index {idx} after {ops} opcodes")
+    finally:
+        f.seek(start)
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose globals come only from a fixed allow-list.
+
+    ``load()`` may return guard objects; :func:`safe_load` replaces them. Run
+    :func:`check_opcodes` on the file first (as :func:`safe_load` does).
     """
 
     def __init__(self, file: Any, source: str) -> None:
@@ -384,6 +447,7 @@ def safe_load(path: str | os.PathLike[str]) -> object:
             if os.fstat(f.fileno()).st_size == 0:
                 raise DataError(f"{source}: empty file, expected a pickle")
             size = os.fstat(f.fileno()).st_size
+            check_opcodes(f, size)
             obj = _finish(SafeUnpickler(f, source).load(), {})
             check_expansion(obj, size, source)
             return obj
