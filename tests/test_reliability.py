@@ -507,6 +507,22 @@ def test_fuzz_bases_are_valid_datasets(fuzz_dir: Path):
 
 # ------------------------------------------------------------------ hostile / broken checkpoints
 
+def test_checkpoint_shapes_never_fall_back_to_a_real_build():
+    """Shapes come from a meta-device build only: when that fails, the config is refused, not
+    built for real (d_model = 10**9 got a 128 GB host's test process killed that way)."""
+    from alignmamba.checkpoint import _expected_shapes
+
+    devices = []
+
+    def build(cfg):
+        devices.append(torch.empty(0).device.type)
+        raise RuntimeError("Storage size calculation overflowed")
+
+    with pytest.raises(RuntimeError, match="overflowed"):
+        _expected_shapes(None, build)
+    assert devices == ["meta"]
+
+
 def _copy_ckpt(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     for f in src.iterdir():
