@@ -39,6 +39,8 @@ from alignmamba.errors import DataError
 TINY = ["--quiet", "--set", "data.synthetic_n_train=64", "--set", "data.synthetic_n_valid=32",
         "--set", "data.synthetic_n_test=32", "--set", "model.d_model=16", "--set", "model.n_layers=1",
         "--set", "model.d_state=4", "--set", "train.threads=1", "--set", "data.batch_size=16"]
+if torch.cuda.is_available():  # resumed runs must equal uninterrupted ones bit for bit
+    TINY += ["--deterministic"]
 TINY_FILE = ["--quiet", "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.d_state=4",
              "--set", "train.threads=1", "--set", "data.batch_size=8"]
 
