@@ -525,6 +525,25 @@ def test_checkpoint_shapes_never_fall_back_to_a_real_build():
     assert devices == ["meta"]
 
 
+def test_checkpoint_shapes_stop_counting_past_the_limit():
+    """The meta build stops once it registers more parameters than the caller allows."""
+    from alignmamba.checkpoint import CheckpointError, _expected_shapes
+
+    built = []
+
+    def build(n):
+        layers = torch.nn.ModuleList()
+        for _ in range(n):
+            layers.append(torch.nn.Linear(2, 2))  # 2 parameters each
+            built.append(1)
+        return layers
+
+    assert len(_expected_shapes(10, build, max_params=20)) == 20
+    with pytest.raises(CheckpointError, match="registers more than 20 parameters"):
+        _expected_shapes(10**6, build, max_params=20)
+    assert len(built) == 10 + 10  # the second build stopped inside its 11th layer
+
+
 def _copy_ckpt(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     for f in src.iterdir():
@@ -568,6 +587,9 @@ CKPT_CASES = {
                     "config.json", "cannot be built"),
     "config-large": (lambda ck: _edit_config(ck, lambda d: d["model"].update(d_model=50_000)),
                      "model.safetensors", "config.json implies"),
+    # a million layers: the meta build would take about an hour; it stops at the file's count
+    "config-deep": (lambda ck: _edit_config(ck, lambda d: d["model"].update(n_layers=10**6)),
+                    "config.json", "registers more than"),
     "weights-missing": (lambda ck: (ck / "model.safetensors").unlink(), "model.safetensors", "missing"),
     "weights-empty": (lambda ck: (ck / "model.safetensors").write_bytes(b""), "model.safetensors", "unreadable"),
     "weights-truncated": (lambda ck: (ck / "model.safetensors").write_bytes(
