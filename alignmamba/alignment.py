@@ -363,6 +363,16 @@ def _gauss(d2: Tensor, sigma: Tensor, bandwidth: str) -> Tensor:
     return torch.exp(-d2 / (2.0 * s2))
 
 
+def _nanmedian_rows(v: Tensor) -> Tensor:
+    """``torch.nanmedian(v, dim=1).values`` (the lower median of each row's non-NaN values; NaN
+    for a row without any) by a sort, which CUDA has deterministically: nanmedian with indices
+    has no deterministic CUDA kernel and raises under torch.use_deterministic_algorithms."""
+    count = (~torch.isnan(v)).sum(1, keepdim=True)
+    ranked = torch.sort(v, dim=1).values  # NaN sorts last
+    med = ranked.gather(1, ((count - 1).clamp(min=0) // 2)).squeeze(1)
+    return med.masked_fill(count.squeeze(1) == 0, math.nan)
+
+
 @torch.no_grad()
 def _median_sigma(x: Tensor, y: Tensor, xm: Tensor, ym: Tensor, max_points: int = 512) -> Tensor:
     """Median heuristic: sigma^2 = median(||z - z'||^2) / 2 over the pooled valid tokens. (B,).
@@ -380,8 +390,7 @@ def _median_sigma(x: Tensor, y: Tensor, xm: Tensor, ym: Tensor, max_points: int 
     pair = zm[:, :, None] & zm[:, None, :]
     pair = pair & ~torch.eye(z.shape[1], dtype=torch.bool, device=z.device)[None]
     d2 = d2.masked_fill(~pair, math.nan)
-    med = torch.nanmedian(d2.flatten(1), dim=1).values
-    med = torch.nan_to_num(med, nan=2.0)
+    med = torch.nan_to_num(_nanmedian_rows(d2.flatten(1)), nan=2.0)
     return torch.sqrt(med.clamp(min=1e-6) / 2.0)
 
 

@@ -211,6 +211,22 @@ def test_tiled_mmd_equals_dense_with_gradients(bandwidth):
         assert b.abs().sum() > 0
 
 
+def test_nanmedian_rows_equals_torch_nanmedian():
+    """The sort-based median (deterministic on CUDA) picks nanmedian's element: odd and even
+    counts, NaN holes, a row of NaN only, ties."""
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(6, 9, generator=g)
+    v[1, ::2] = math.nan  # 4 values left: the lower median
+    v[2, 3] = math.nan    # 8 left
+    v[3] = math.nan       # none
+    v[4] = torch.tensor([2.0, 1.0, 2.0, 2.0, 3.0, 1.0, math.nan, 2.0, 0.5])  # ties
+    got = al._nanmedian_rows(v)
+    ref = torch.nanmedian(v, dim=1).values
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[3])
+    keep = ~torch.isnan(ref)
+    assert torch.equal(got[keep], ref[keep])
+
+
 def test_median_bandwidth_is_scale_free():
     x = torch.randn(1, 20, 3)
     y = torch.randn(1, 20, 3) + 1.0
