@@ -21,15 +21,13 @@ Masks are boolean, True = real token, shape (B, T); padding sits at the back.
 from __future__ import annotations
 
 import math
-import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import env_choice
-from .errors import AlignMambaError
+from .config import env_choice, load_once, require_cuda, require_importable
 from .graphs import warn_once
 
 __all__ = [
@@ -63,13 +61,7 @@ _ot_argmax_fn: list = []  # [ot_argmax or None] once the import was tried
 
 
 def _load_ot_argmax():
-    if not _ot_argmax_fn:
-        try:
-            from .ot_kernel import ot_argmax
-        except (ImportError, RuntimeError, OSError):  # no usable Triton: the torch tiling
-            ot_argmax = None
-        _ot_argmax_fn.append(ot_argmax)
-    return _ot_argmax_fn[0]
+    return load_once(_ot_argmax_fn, "alignmamba.ot_kernel", "ot_argmax")  # None: the torch tiling
 
 
 def _pick_ot_kernel(kernel: str | None, device: torch.device, dtype: torch.dtype):
@@ -81,12 +73,8 @@ def _pick_ot_kernel(kernel: str | None, device: torch.device, dtype: torch.dtype
         return None
     fn = _load_ot_argmax()
     if name == "triton":
-        if fn is None:
-            raise AlignMambaError(f"relaxed_ot_assign: {source}='triton' but Triton is not "
-                                  "importable; use 'torch'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise AlignMambaError(f"relaxed_ot_assign: {source}='triton' needs CUDA tensors, "
-                                  f"got device {device}")
+        require_importable(fn, "relaxed_ot_assign", source)
+        require_cuda(device, "relaxed_ot_assign", source)
     elif fn is None:
         warn_once("alignmamba: fused OT argmax unavailable (Triton not importable); using the "
                   "torch tiling")

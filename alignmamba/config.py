@@ -9,6 +9,7 @@ the wrong type is a :class:`ConfigError`, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import types
@@ -245,3 +246,29 @@ def env_choice(value: str | None, choices: Sequence[str], env: str, where: str,
     if name not in choices:
         raise AlignMambaError(f"{where}: {source}={name!r} is not one of {', '.join(choices)}")
     return name, source
+
+
+def load_once(cache: list, module: str, name: str) -> Any:
+    """``module.name`` (an optional kernel's launcher), imported on first use and kept in
+    ``cache`` (a list, empty until then); None when it cannot be imported (no usable Triton)."""
+    if not cache:
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, RuntimeError, OSError):
+            fn = None
+        cache.append(fn)
+    return cache[0]
+
+
+def require_importable(fn: Any, where: str, source: str) -> None:
+    """A kernel choice forced to "triton" (by ``source``) needs its launcher ``fn``."""
+    if fn is None:
+        raise AlignMambaError(f"{where}: {source}='triton' but Triton is not importable; "
+                              "use 'torch'")
+
+
+def require_cuda(device: Any, where: str, source: str) -> None:
+    """A kernel choice forced to "triton" needs CUDA tensors, unless Triton's interpreter is on
+    (TRITON_INTERPRET=1, the CPU tests)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise AlignMambaError(f"{where}: {source}='triton' needs CUDA tensors, got device {device}")

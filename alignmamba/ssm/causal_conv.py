@@ -15,13 +15,11 @@ reference under autocast rounds the products' sum and the SiLU separately in bf1
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import env_choice
+from ..config import env_choice, load_once, require_cuda, require_importable
 from ..errors import AlignMambaError
 from ..graphs import warn_once
 
@@ -44,13 +42,7 @@ def causal_conv1d_silu_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None
 
 
 def _load_kernel():
-    if not _kernel_fn:
-        try:
-            from .conv_kernel import conv1d_silu
-        except (ImportError, RuntimeError, OSError):  # no usable Triton: F.conv1d
-            conv1d_silu = None
-        _kernel_fn.append(conv1d_silu)
-    return _kernel_fn[0]
+    return load_once(_kernel_fn, "alignmamba.ssm.conv_kernel", "conv1d_silu")  # None: F.conv1d
 
 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -68,15 +60,11 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
         return causal_conv1d_silu_ref(x, weight, bias, state)
     fn = _load_kernel()
     if name == "triton":
-        if fn is None:
-            raise AlignMambaError(f"causal_conv1d_silu: {source}='triton' but Triton is not "
-                                  "importable; use 'torch'")
+        require_importable(fn, "causal_conv1d_silu", source)
         if needs_grad:
             raise AlignMambaError(f"causal_conv1d_silu: {source}='triton' has no backward; "
                                   "use 'torch' (or 'auto') where gradients are needed")
-        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise AlignMambaError(f"causal_conv1d_silu: {source}='triton' needs CUDA tensors, "
-                                  f"got device {x.device}")
+        require_cuda(x.device, "causal_conv1d_silu", source)
     elif fn is None:
         warn_once("alignmamba: fused causal conv unavailable (Triton not importable); using "
                   "F.conv1d")
