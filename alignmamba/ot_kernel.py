@@ -80,13 +80,6 @@ def _ot_argmax_kernel(s_ptr, a_ptr, am_ptr, ts_ptr, ta_ptr, idx_ptr, Ts, Ta, D, 
     tl.store(idx_ptr + b * idx_sb + rm, best_idx.to(tl.int64), mask=row_ok)
 
 
-def _pow2_at_least(x: int, low: int) -> int:
-    p = low
-    while p < x:
-        p *= 2
-    return p
-
-
 def pick_config(ieee: bool, bsz: int, ts_len: int, dim: int) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages) for :func:`ot_argmax`.
 
@@ -96,7 +89,7 @@ def pick_config(ieee: bool, bsz: int, ts_len: int, dim: int) -> tuple[int, int, 
     64k and 256k tokens and 0.99-1.15x at batch 32 x 6.4k, d 256. Wider d and fp32 keep the
     K loop (fp32 products on the FMA pipe want smaller tiles than the tensor cores).
     """
-    bk = _pow2_at_least(dim, 16)
+    bk = max(16, triton.next_power_of_2(dim))
     if ieee:
         return 64, 64, min(64, bk), 4, 3
     if bk <= 256:
