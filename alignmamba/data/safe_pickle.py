@@ -339,8 +339,15 @@ def check_expansion(obj: Any, file_size: int, source: str) -> None:
 
 
 # counted payloads: the width and format of the count (pickletools' argument kinds)
-_COUNTS = {pickletools.TAKEN_FROM_ARGUMENT1: "<B", pickletools.TAKEN_FROM_ARGUMENT4: "<i",
-           pickletools.TAKEN_FROM_ARGUMENT4U: "<I", pickletools.TAKEN_FROM_ARGUMENT8U: "<Q"}
+_COUNTS = {pickletools.TAKEN_FROM_ARGUMENT1: struct.Struct("<B"),
+           pickletools.TAKEN_FROM_ARGUMENT4: struct.Struct("<i"),
+           pickletools.TAKEN_FROM_ARGUMENT4U: struct.Struct("<I"),
+           pickletools.TAKEN_FROM_ARGUMENT8U: struct.Struct("<Q")}
+
+
+def _check_fits(opname: str, count: int, left: int) -> None:
+    if count > left:
+        raise pickle.UnpicklingError(f"{opname} of {count} bytes, {left} left")
 
 
 def check_opcodes(f: Any, size: int) -> None:
@@ -370,9 +377,8 @@ def check_opcodes(f: Any, size: int) -> None:
                     return
                 if op.name in ("BINPUT", "LONG_BINPUT"):
                     idx = int.from_bytes(raw, "little")
-                elif op.name == "FRAME" and int.from_bytes(raw, "little") > size - f.tell():
-                    raise pickle.UnpicklingError(
-                        f"FRAME of {int.from_bytes(raw, 'little')} bytes, {size - f.tell()} left")
+                elif op.name == "FRAME":
+                    _check_fits(op.name, int.from_bytes(raw, "little"), size - f.tell())
             elif arg.n == pickletools.UP_TO_NEWLINE:
                 line = f.readline()
                 if arg.name == "stringnl_noescape_pair":
@@ -383,16 +389,14 @@ def check_opcodes(f: Any, size: int) -> None:
                     except ValueError:
                         return
             else:
-                fmt = _COUNTS[arg.n]
-                raw = f.read(struct.calcsize(fmt))
-                if len(raw) < struct.calcsize(fmt):
+                counter = _COUNTS[arg.n]
+                raw = f.read(counter.size)
+                if len(raw) < counter.size:
                     return
-                count = struct.unpack(fmt, raw)[0]
+                count = counter.unpack(raw)[0]
                 if count < 0:
                     return
-                if count > size - f.tell():
-                    raise pickle.UnpicklingError(
-                        f"{op.name} of {count} bytes, {size - f.tell()} left")
+                _check_fits(op.name, count, size - f.tell())
                 f.seek(count, os.SEEK_CUR)
             if idx is not None and idx >= ops:
                 raise pickle.UnpicklingError(f"{op.name} memo index {idx} after {ops} opcodes")
