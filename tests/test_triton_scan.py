@@ -757,6 +757,33 @@ def test_cuda_forward_variants_match_float64(opts):
     assert rel_err(ckpt, ckpt0) < 1e-5  # the checkpoints the backward reads
 
 
+@pytest.mark.skipif(not CUDA, reason="the CUDA forward (NVRTC) needs a CUDA device")
+@pytest.mark.parametrize("case", CUDA_CASES, ids=_case_id)
+def test_cuda_forward_packed_bf16_rows_are_exact(case, monkeypatch):
+    """bf16 B and C go to the forward packed (``rows_bc16``, the BC16 build): output, final
+    state and checkpoints are bitwise those of the fp32 rows ("BC16=0"), through the
+    segmented forward's local pass as well."""
+    bsz, D, N, L, G, has_d, has_z, has_bias, softplus, _last, h0, S = case
+    x = make_inputs(bsz, D, N, L, G, has_d, has_z, has_bias, h0, torch.bfloat16, seed=D + L + 2,
+                    softplus=softplus)
+    Bg, Cg, _ = ts._check(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                          x["delta_bias"], x["initial_state"])
+    assert Bg.dtype == Cg.dtype == torch.bfloat16
+    seen = []
+    real = ts.cuda_scan.selective_scan_fwd_cuda
+    monkeypatch.setattr(ts.cuda_scan, "selective_scan_fwd_cuda",
+                        lambda *a: seen.append(a[3].dtype) or real(*a))
+    cf = ts.pick_fwd_config(D // max(G, 1))
+    res = [ts._fwd(x["u"], x["delta"], x["A"], Bg, Cg, x["D"], x["z"], x["delta_bias"],
+                   x["initial_state"], softplus, True, True, cf, S, "cuda", opts)
+           for opts in ((), ("BC16=0",))]
+    n = len(seen) // 2
+    assert seen == [torch.int32] * n + [torch.float32] * n
+    for packed, plain in zip(res[0], res[1]):
+        assert torch.equal(packed, plain)
+    assert res[0][0].abs().max() > 0 and res[0][2].abs().max() > 0  # not a vacuous equality
+
+
 @pytest.mark.skipif(not CUDA, reason="the CUDA seeds kernel (NVRTC) needs a CUDA device")
 @pytest.mark.parametrize("dtype,length,has_z,groups", [
     (torch.float32, 1000, True, 0),    # a partial last chunk, scalar loads
@@ -830,6 +857,17 @@ def test_cuda_fwd_options_are_checked():
     assert torch.equal(rows, bc.transpose(-1, -2).float())
     padded = ts.cuda_scan.rows16(bc[:, :, :5])  # N = 5: states 5..15 are zero
     assert torch.equal(padded[..., :5], rows[..., :5]) and not padded[..., 5:].any()
+    # bf16 B, C packed for the BC16 build: word n of a row = B_n (low half) | C_n (high half)
+    cc = torch.randn(1, 1, 5, 64, dtype=torch.bfloat16)
+    words = ts.cuda_scan.rows_bc16(bc[:, :, :5], cc)
+    assert words.dtype == torch.int32 and words.shape == (1, 1, 64, 16) and words.is_contiguous()
+    lo = (words << 16).view(torch.float32)
+    hi = (words & -65536).view(torch.float32)
+    assert torch.equal(lo, padded) and torch.equal(hi[..., :5], cc.transpose(-1, -2).float())
+    assert not hi[..., 5:].any()
+    full = ts.cuda_scan.rows_bc16(bc, -bc)  # N = 16: no padding
+    assert torch.equal((full << 16).view(torch.float32), rows)
+    assert torch.equal((full & -65536).view(torch.float32), -rows)
     for bad in ("EMU=1", "MINB=x", "MINB"):
         with pytest.raises(ValueError, match="scan_fwd.cu option"):
             ts.cuda_scan.selective_scan_fwd_cuda(u, u, A, rows, rows, None, None, None, None,

@@ -17,7 +17,7 @@ from torch import Tensor
 from alignmamba.ssm import nvrtc
 
 __all__ = ["BWD_VERSION", "SEG", "bwd_supported", "det_slices", "fwd_supported", "pick_fwd_segments", "pick_segments",
-           "selective_scan_adj_local_cuda", "selective_scan_bwd_cuda", "selective_scan_fwd_cuda"]
+           "rows16", "rows_bc16", "selective_scan_adj_local_cuda", "selective_scan_bwd_cuda", "selective_scan_fwd_cuda"]
 
 SEG = 64          # checkpoint spacing the kernel walks (the forward's T * CK)
 BWD_VERSION = 11  # backward kernel: 11 = ssm_bwd4 (KERNEL_NOTES v11), 9 = ssm_bwd (v9)
@@ -247,6 +247,20 @@ def rows16(t: Tensor) -> Tensor:
     return out
 
 
+def rows_bc16(Bt: Tensor, Ct: Tensor) -> Tensor:
+    """B and C in bf16 for the forward's BC16 build: (B, G, L, 16) int32, word n of a step's row
+    holding B_n in its low and C_n in its high 16 bits (states zero-padded to 16). The kernel
+    widens each half to fp32 exactly, so it computes with the same values as from
+    :func:`rows16`."""
+    bsz, groups, dstate, length = Bt.shape
+    assert Bt.dtype == Ct.dtype == torch.bfloat16 and Ct.shape == Bt.shape
+    alloc = torch.empty if dstate == _NP else torch.zeros
+    pair = alloc(bsz, groups, length, _NP, 2, device=Bt.device, dtype=torch.bfloat16)
+    pair[..., :dstate, 0] = Bt.transpose(-1, -2)  # little-endian: element 0 is the low half
+    pair[..., :dstate, 1] = Ct.transpose(-1, -2)
+    return pair.view(torch.int32).squeeze(-1)
+
+
 def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
                             Crows: Tensor | None, D: Tensor | None, z: Tensor | None,
                             delta_bias: Tensor | None, h0: Tensor | None, softplus: bool,
@@ -256,7 +270,7 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
     """Launch ``ssm_fwd`` on all (channel block, batch, time segment) at once.
 
     u, delta, z, out: (B, D, L) contiguous; A (D, N); Brows, Crows (B, G, L, 16) fp32 from
-    :func:`rows16`; h0 and last (B, S, D, N) or, with S = 1, (B, D, N), fp32; ckpt
+    :func:`rows16`, or Brows from :func:`rows_bc16` (int32: the BC16 build) and Crows None; h0 and last (B, S, D, N) or, with S = 1, (B, D, N), fp32; ckpt
     (B, n_ck, N, D) fp32; dsum (B, S, D). ``out`` None: pass 1 of the segmented forward
     (each segment's final state from zero into ``last``, its delta sum into ``dsum``).
     ``seg_len``: a multiple of SEG. ``options``: "NAME=value" compile-time settings of
@@ -278,12 +292,15 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
              bool(softplus), h0 is not None, last is not None, ckpt is not None, local, vec)
     expr = f"ssm_fwd<{_DTYPES[u.dtype]}, " + ", ".join("true" if f else "false"
                                                        for f in flags) + ">"
+    packed = Brows.dtype == torch.int32
+    assert not (packed and Crows is not None)
     defs = {"GS": str(FWD_GROUP_STEPS), "MINB": str(FWD_MIN_BLOCKS)}
     for opt in options:
         name, _, value = opt.partition("=")
         if name not in defs or not value.isdigit():
             raise ValueError(f"scan_fwd.cu option {opt!r}: one of {sorted(defs)}=<int> expected")
         defs[name] = value
+    defs["BC16"] = "1" if packed else "0"  # set by the rows' layout, not by an option
     kern = nvrtc.get_kernel("scan_fwd.cu", expr, dev, 0,
                             tuple(f"-D{k}={v}" for k, v in sorted(defs.items())))
     n_ck = ckpt.shape[1] if ckpt is not None else 0

@@ -49,6 +49,15 @@ static_assert(GS % 4 == 0 && CHUNK % GS == 0, "GS: 4 or 8");
 #ifndef MINB
 #define MINB 3               // resident blocks per SM the register budget must allow
 #endif
+// BC16 = 1: B and C arrive in bf16 and travel packed, one 32-bit word per (step, state) with
+// B in the low half and C in the high half (cuda_scan.rows_bc16): a lane's 4 states of B and
+// C are one 16-byte shared-memory load per step instead of two, and a chunk's staging one
+// 16-byte load and store per thread instead of two. bf16 -> fp32 is exact (a shift or a mask),
+// so the results are bitwise those of the fp32 rows. Why: the L1/shared pipe is the forward's
+// busiest unit (86%, ncu, KERNEL_NOTES v10c) and the B/C row loads are ~half its wavefronts.
+#ifndef BC16
+#define BC16 0
+#endif
 
 template <int DT, bool HAS_D, bool HAS_Z, bool HAS_BIAS, bool SOFTPLUS, bool HAS_H0,
           bool STORE_LAST, bool STORE_CKPT, bool LOCAL, bool VEC>
@@ -57,6 +66,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
     const typename Elem<DT>::T* __restrict__ z,
     const float* __restrict__ A,       // (D, N)
     const float* __restrict__ Brows,   // (B, G, L, NP) fp32: one row of states per step
+                                       // (BC16: packed bf16 B and C words, Crows unused)
     const float* __restrict__ Crows,   // (B, G, L, NP) fp32
     const float* __restrict__ Dv,      // (D,)
     const float* __restrict__ bias,    // (D,)
@@ -101,7 +111,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
         const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
         nb = t < l_end ? reinterpret_cast<const float4*>(Brows + bc_base + (long)t * NP)[tid & 3]
                        : zero;
-        if (!LOCAL)
+        if (!LOCAL && !BC16)
             nc = t < l_end ? reinterpret_cast<const float4*>(Crows + bc_base + (long)t * NP)[tid & 3]
                            : zero;
     };
@@ -121,7 +131,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
     Raw<DT> ru, rd, rz;
     load_bc(l_beg, nb, nc);
     sBC[0][0][tid] = nb;
-    if (!LOCAL) sBC[0][1][tid] = nc;
+    if (!LOCAL && !BC16) sBC[0][1][tid] = nc;
     mbar_arrive(&sBar[0]);
     if (l_beg + CHUNK < l_end) load_bc(l_beg + CHUNK, nb, nc);
     bool next_full = VEC && l_beg + CHUNK <= l_end;
@@ -206,8 +216,8 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
             }
 #pragma unroll
             for (int sg = 0; sg < GS; ++sg) {
-                bq_[sg] = sb[(GS * tg + sg) * QG + q];
-                if (!LOCAL) cq_[sg] = sc[(GS * tg + sg) * QG + q];
+                bq_[sg] = sb[(GS * tg + sg) * QG + q];  // BC16: B and C packed
+                if (!LOCAL && !BC16) cq_[sg] = sc[(GS * tg + sg) * QG + q];
 #pragma unroll
                 for (int j = 0; j < QS; ++j) dA_[sg][j] = ex2(dlg[sg] * A2[j]);
             }
@@ -221,12 +231,20 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
             float yp[GS];
 #pragma unroll
             for (int sg = 0; sg < GS; ++sg) {
-                const float bj[QS] = {bq[sg].x, bq[sg].y, bq[sg].z, bq[sg].w};
+                float bj[QS] = {bq[sg].x, bq[sg].y, bq[sg].z, bq[sg].w};
+                float4 cj = cq[sg];
+                if (BC16) {
+                    const unsigned w[QS] = {__float_as_uint(bq[sg].x), __float_as_uint(bq[sg].y),
+                                            __float_as_uint(bq[sg].z), __float_as_uint(bq[sg].w)};
+#pragma unroll
+                    for (int j = 0; j < QS; ++j) bj[j] = __uint_as_float(w[j] << 16);
+                    cj = make_float4(__uint_as_float(w[0] & 0xffff0000u), __uint_as_float(w[1] & 0xffff0000u),
+                                     __uint_as_float(w[2] & 0xffff0000u), __uint_as_float(w[3] & 0xffff0000u));
+                }
 #pragma unroll
                 for (int j = 0; j < QS; ++j) h[j] = fmaf(dA[sg][j], h[j], xg[sg] * bj[j]);
                 if (!LOCAL)
-                    yp[sg] = fmaf(cq[sg].x, h[0], fmaf(cq[sg].y, h[1],
-                                  fmaf(cq[sg].z, h[2], cq[sg].w * h[3])));
+                    yp[sg] = fmaf(cj.x, h[0], fmaf(cj.y, h[1], fmaf(cj.z, h[2], cj.w * h[3])));
             }
             if (!LOCAL) {
 #pragma unroll
@@ -249,7 +267,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
         // this thread is done with sBC[buf]: stage the next chunk's rows in the other buffer
         if (t1 < l_end) {
             sBC[buf ^ 1][0][tid] = nb;
-            if (!LOCAL) sBC[buf ^ 1][1][tid] = nc;
+            if (!LOCAL && !BC16) sBC[buf ^ 1][1][tid] = nc;
             mbar_arrive(&sBar[buf ^ 1]);
             if (t1 + CHUNK < l_end) load_bc(t1 + CHUNK, nb, nc);
         }

@@ -882,7 +882,8 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
     the full forward of every segment from its true start state); None: the picker of the
     kernel that runs. Same results as one pass up to fp32 rounding (the start states are
     composed in another order). ``options``: compile-time settings of the CUDA kernel
-    (``cuda_scan.selective_scan_fwd_cuda``; benchmarks)."""
+    (``cuda_scan.selective_scan_fwd_cuda``; benchmarks), and "BC16=0": bf16 B and C as fp32
+    rows instead of packed (same results)."""
     bsz, dim, length = u.shape
     groups, dstate = Bg.shape[1], A.shape[1]
     f32 = torch.float32
@@ -892,7 +893,12 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
     if cuda:
         u, delta = u.contiguous(), delta.contiguous()
         z = z.contiguous() if z is not None else None
-        Br, Cr = cuda_scan.rows16(Bg), cuda_scan.rows16(Cg)
+        # bf16 B and C travel packed (the BC16 build, exact); "BC16=0" in options keeps the
+        # fp32 rows (benchmarks compare the two)
+        bc16 = Bg.dtype == Cg.dtype == torch.bfloat16 and "BC16=0" not in options
+        options = tuple(o for o in options if not o.startswith("BC16="))
+        Br, Cr = ((cuda_scan.rows_bc16(Bg, Cg), None) if bc16
+                  else (cuda_scan.rows16(Bg), cuda_scan.rows16(Cg)))
 
         def launch(h0_, out_, last_, ckpt_, dsum_, S, seg_len):
             cuda_scan.selective_scan_fwd_cuda(u, delta, A, Br, Cr, D, z, delta_bias, h0_,
