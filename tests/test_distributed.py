@@ -227,13 +227,16 @@ def single(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> list[tuple[Path, subprocess.CompletedProcess, Path]]:
-    """The same training twice with 2 processes (Gloo), through ``alignmamba train --nproc 2``."""
+    """The same training twice with 2 processes (Gloo), through ``alignmamba train --nproc 2``;
+    the second with ``--deterministic`` (on the CPU it changes no result, so the two must agree)."""
     runs = []
     for k in range(2):
         tmp = tmp_path_factory.mktemp(f"ddp{k}")
         journal = tmp / "writes.tsv"
         out = tmp / "run"
-        proc = _cli(["train", "--nproc", "2", "--out", str(out), "--seeds", "1111", *TINY], _env(tmp, journal))
+        flag = ["--deterministic"] if k else []
+        proc = _cli(["train", "--nproc", "2", "--out", str(out), "--seeds", "1111", *flag, *TINY],
+                    _env(tmp, journal))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs.append((out, proc, journal))
     return runs
@@ -276,11 +279,40 @@ def test_two_processes_match_one_process(ddp_runs, single):
 
 def test_two_process_run_is_reproducible(ddp_runs):
     (a, _, _), (b, _, _) = ddp_runs
+    cfg_a, cfg_b = (json.loads((r / "config.json").read_text()) for r in (a, b))
+    assert (cfg_a["train"]["deterministic"], cfg_b["train"]["deterministic"]) == (False, True)
     assert _predictions(a) == _predictions(b)
     ma, mb = _metrics(a), _metrics(b)
     for k in ("test", "valid"):
         assert ma[k] == mb[k]
     assert _log_rows(a) == _log_rows(b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs 2 CUDA devices")
+def test_two_gpus_deterministic_runs_repeat_bitwise(tmp_path):
+    """``--nproc 2 --deterministic`` on 2 GPUs (NCCL all-reduce, the CUDA kernels, bf16
+    autocast): two runs give bitwise-equal predictions, metrics and per-epoch logs. On 2 H100s
+    (tenth session) the same test without ``--deterministic`` failed: predictions differed."""
+    assert TINY[-2:] == ["--set", "train.device=cpu"]
+    # d_model 64: 128 scan channels, so several channel blocks add into dB/dC (atomics without
+    # the flag); at d_model 16 (one block) runs without the flag repeated bitwise as well
+    args = [*TINY[:-2], "--set", "train.device=cuda", "--epochs", "2", "--set", "model.d_model=64"]
+    runs = []
+    for k in range(2):
+        (tmp_path / f"gpu{k}").mkdir()
+        env = _env(tmp_path / f"gpu{k}")
+        env.pop("CUDA_VISIBLE_DEVICES")
+        env.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on shared hosts
+        out = tmp_path / f"gpu{k}" / "run"
+        proc = _cli(["train", "--nproc", "2", "--deterministic", "--out", str(out), "--seeds", "1111",
+                     *args], env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert json.loads((out / "config.json").read_text())["train"]["device"] == "cuda"
+        runs.append(out)
+    a, b = runs
+    assert _predictions(a) == _predictions(b)
+    assert _metrics(a)["test"] == _metrics(b)["test"]
+    assert _log_rows(a) == _log_rows(b) and len(_log_rows(a)) == 2
 
 
 def test_seeds_parallel_matches_sequential(tmp_path, single):
