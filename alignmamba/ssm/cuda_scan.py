@@ -270,9 +270,10 @@ def selective_scan_fwd_cuda(u: Tensor, delta: Tensor, A: Tensor, Brows: Tensor,
     """Launch ``ssm_fwd`` on all (channel block, batch, time segment) at once.
 
     u, delta, z, out: (B, D, L) contiguous; A (D, N); Brows, Crows (B, G, L, 16) fp32 from
-    :func:`rows16`, or Brows from :func:`rows_bc16` (int32: the BC16 build) and Crows None; h0 and last (B, S, D, N) or, with S = 1, (B, D, N), fp32; ckpt
-    (B, n_ck, N, D) fp32; dsum (B, S, D). ``out`` None: pass 1 of the segmented forward
-    (each segment's final state from zero into ``last``, its delta sum into ``dsum``).
+    :func:`rows16`, or Brows from :func:`rows_bc16` (int32: the BC16 build) and Crows None;
+    h0 and last (B, S, D, N) or, with S = 1, (B, D, N), fp32; ckpt (B, n_ck, N, D) fp32;
+    dsum (B, S, D). ``out`` None: pass 1 of the segmented forward (each segment's final state
+    from zero into ``last``, its delta sum into ``dsum``).
     ``seg_len``: a multiple of SEG. ``options``: "NAME=value" compile-time settings of
     ``scan_fwd.cu`` replacing the defaults (MINB=FWD_MIN_BLOCKS, GS=FWD_GROUP_STEPS;
     benchmarks sweep them)."""
