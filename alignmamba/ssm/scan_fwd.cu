@@ -134,56 +134,71 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
     if (!LOCAL && !BC16) sBC[0][1][tid] = nc;
     mbar_arrive(&sBar[0]);
     if (l_beg + CHUNK < l_end) load_bc(l_beg + CHUNK, nb, nc);
-    bool next_full = VEC && l_beg + CHUNK <= l_end;
-    if (next_full) {
-        ru = raw_load<DT>(u + row + l_beg + my);
-        rd = raw_load<DT>(dt + row + l_beg + my);
-        if (!LOCAL && HAS_Z) rz = raw_load<DT>(z + row + l_beg + my);
-    }
+
+    // this lane's 8 steps of u, dt (and z) of the chunk at t as floats: from the raw words
+    // issued earlier when `full` (a whole chunk of 16-byte rows), else element by element
+    // this lane's rows from its first step of a chunk on (u_l[t] is step t + my of the row)
+    const typename Elem<DT>::T* const u_l = u + row + my;
+    const typename Elem<DT>::T* const dt_l = dt + row + my;
+    const typename Elem<DT>::T* const z_l = (!LOCAL && HAS_Z) ? z + row + my : nullptr;
+    auto fetch = [&](int t, bool full, float (&uu_)[TS], float (&rr_)[TS], float (&zz_)[TS]) {
+        if (full) {
+            raw_unpack<DT>(ru, uu_);
+            raw_unpack<DT>(rd, rr_);
+            if (!LOCAL && HAS_Z) raw_unpack<DT>(rz, zz_);
+        } else {
+            // steps in the segment: <= 0 or > 8 at its ends, compared unclamped (see store_ts);
+            // dt past the end reads as -inf: softplus gives delta = 0 exactly, no mask needed
+            const int rem_ = l_end - t - my;
+            load_ts<DT>(u_l + t, rem_, uu_);
+            load_ts<DT>(dt_l + t, rem_, rr_, dt_fill<SOFTPLUS>());
+            if (!LOCAL && HAS_Z) load_ts<DT>(z_l + t, rem_, zz_);
+        }
+    };
+    auto issue = [&](int t) {  // the raw loads of this lane's 8 steps of the chunk at t
+        ru = raw_load<DT>(u_l + t);
+        rd = raw_load<DT>(dt_l + t);
+        if (!LOCAL && HAS_Z) rz = raw_load<DT>(z_l + t);
+    };
+    // 1. delta and delta * u of steps i, i + 1 of this lane's 8 in the chunk at t (0 past the
+    // end: the state stays), one float4 of the chunk's sX
+    auto scalar_pair = [&](int i, int t, const float (&uu_)[TS], const float (&rr_)[TS],
+                           float4 (*sXb)[CW]) {
+        const int rem_ = l_end - t - my;
+        float dl[2];
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+            // without softplus, masked by a multiply (a select let nvcc branch on every step)
+            const float r = rr_[i + p] + bias_v;
+            dl[p] = SOFTPLUS ? softplus(r) : r * (i + p < rem_ ? 1.f : 0.f);
+            if (LOCAL) dsum_acc += dl[p];
+        }
+        sXb[(my + i) >> 1][c] = make_float4(dl[0], dl[0] * uu_[i], dl[1], dl[1] * uu_[i + 1]);
+    };
+
+    bool next_full = VEC && l_beg + CHUNK <= l_end;  // ru, rd, rz hold a whole chunk
+    if (next_full) issue(l_beg);
+    float uu[TS], zz[TS];  // u and z of this lane's 8 steps of the current chunk
 
     for (int t0 = l_beg, k = 0; t0 < l_end; t0 += CHUNK, ++k) {
         const int buf = k & 1;
         __syncwarp();  // every lane of the warp is done reading the last chunk's sX
-        // steps of this lane's 8 that are in the segment (<= 0 or > 8 at its ends; compared
-        // unclamped, see store_ts)
-        const int rem = l_end - t0 - my;
-        float uu[TS], rr[TS], zz[TS];
-        if (next_full) {
-            raw_unpack<DT>(ru, uu);
-            raw_unpack<DT>(rd, rr);
-            if (!LOCAL && HAS_Z) raw_unpack<DT>(rz, zz);
-        } else {
-            // dt past the end reads as -inf: softplus gives delta = 0 exactly, no mask needed
-            load_ts<DT>(u + row + t0 + my, rem, uu);
-            load_ts<DT>(dt + row + t0 + my, rem, rr, dt_fill<SOFTPLUS>());
-            if (!LOCAL && HAS_Z) load_ts<DT>(z + row + t0 + my, rem, zz);
-        }
+        const int rem = l_end - t0 - my;  // this lane's steps in the segment (see fetch)
         const int t1 = t0 + CHUNK;
-        next_full = VEC && t1 + CHUNK <= l_end;
-        if (next_full) {
-            ru = raw_load<DT>(u + row + t1 + my);
-            rd = raw_load<DT>(dt + row + t1 + my);
-            if (!LOCAL && HAS_Z) rz = raw_load<DT>(z + row + t1 + my);
-        }
-        if (t1 + CHUNK < l_end) {  // the chunk after next into L2
-            prefetch_l2(u + row + t1 + CHUNK + my);
-            prefetch_l2(dt + row + t1 + CHUNK + my);
-            if (!LOCAL && HAS_Z) prefetch_l2(z + row + t1 + CHUNK + my);
-        }
-
-        // 1. delta and delta * u of this lane's 8 steps (0 past the end: the state stays)
-        float dl[TS];
+        {
+            float rr[TS];
+            fetch(t0, next_full, uu, rr, zz);
+            next_full = VEC && t1 + CHUNK <= l_end;
+            if (next_full) issue(t1);
 #pragma unroll
-        for (int i = 0; i < TS; ++i) {
-            // without softplus, masked by a multiply (a select let nvcc branch on every step)
-            const float r = rr[i] + bias_v;
-            const float delta = SOFTPLUS ? softplus(r) : r * (i < rem ? 1.f : 0.f);
-            dl[i] = delta;
-            if (LOCAL) dsum_acc += delta;
+            for (int i = 0; i < TS; i += 2) scalar_pair(i, t0, uu, rr, sX[warp]);
         }
-#pragma unroll
-        for (int i = 0; i < TS; i += 2)
-            sX[warp][(my + i) >> 1][c] = make_float4(dl[i], dl[i] * uu[i], dl[i + 1], dl[i + 1] * uu[i + 1]);
+        const int tp = t1 + CHUNK;  // the chunk after next into L2
+        if (tp < l_end) {
+            prefetch_l2(u_l + tp);
+            prefetch_l2(dt_l + tp);
+            if (!LOCAL && HAS_Z) prefetch_l2(z_l + tp);
+        }
         if (STORE_CKPT && (t0 % CKS) == 0 && valid) {
 #pragma unroll
             for (int j = 0; j < QS; ++j) {
