@@ -135,12 +135,12 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
     mbar_arrive(&sBar[0]);
     if (l_beg + CHUNK < l_end) load_bc(l_beg + CHUNK, nb, nc);
 
-    // this lane's 8 steps of u, dt (and z) of the chunk at t as floats: from the raw words
-    // issued earlier when `full` (a whole chunk of 16-byte rows), else element by element
     // this lane's rows from its first step of a chunk on (u_l[t] is step t + my of the row)
     const typename Elem<DT>::T* const u_l = u + row + my;
     const typename Elem<DT>::T* const dt_l = dt + row + my;
     const typename Elem<DT>::T* const z_l = (!LOCAL && HAS_Z) ? z + row + my : nullptr;
+    // this lane's 8 steps of u, dt (and z) of the chunk at t as floats: from the raw words
+    // issued earlier when `full` (a whole chunk of 16-byte rows), else element by element
     auto fetch = [&](int t, bool full, float (&uu_)[TS], float (&rr_)[TS], float (&zz_)[TS]) {
         if (full) {
             raw_unpack<DT>(ru, uu_);
