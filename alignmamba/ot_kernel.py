@@ -27,6 +27,17 @@ __all__ = ["ot_argmax", "pick_config"]
 
 
 @triton.jit
+def _dot_t(s, a, IEEE: tl.constexpr):
+    """s a^T with fp32 sums: (BM, K) x (BN, K) -> (BM, BN). IEEE: fp32 products (fp32 inputs),
+    else the tensor cores' default precision (the half-precision inputs)."""
+    if IEEE:
+        out = tl.dot(s, tl.trans(a), input_precision="ieee")
+    else:
+        out = tl.dot(s, tl.trans(a))
+    return out
+
+
+@triton.jit
 def _ot_argmax_kernel(s_ptr, a_ptr, am_ptr, ts_ptr, ta_ptr, idx_ptr, Ts, Ta, D, beta,
                       s_sb, s_st, a_sb, a_st, am_sb, ts_sb, ta_sb, idx_sb,
                       HAS_BETA: tl.constexpr, IEEE: tl.constexpr,
@@ -50,10 +61,7 @@ def _ot_argmax_kernel(s_ptr, a_ptr, am_ptr, ts_ptr, ta_ptr, idx_ptr, Ts, Ta, D, 
         if RESIDENT:
             a = tl.load(a_ptr + b * a_sb + rn[:, None] * a_st + rk[None, :],
                         mask=col_ok[:, None] & (rk < D)[None, :], other=0.0)
-            if IEEE:
-                score = tl.dot(s_res, tl.trans(a), input_precision="ieee")
-            else:
-                score = tl.dot(s_res, tl.trans(a))
+            score = _dot_t(s_res, a, IEEE)
         else:
             score = tl.zeros([BM, BN], dtype=tl.float32)
             for k0 in range(0, D, BK):
@@ -63,10 +71,7 @@ def _ot_argmax_kernel(s_ptr, a_ptr, am_ptr, ts_ptr, ta_ptr, idx_ptr, Ts, Ta, D, 
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 a = tl.load(a_ptr + b * a_sb + rn[:, None] * a_st + kk[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if IEEE:
-                    score += tl.dot(s, tl.trans(a), input_precision="ieee")
-                else:
-                    score += tl.dot(s, tl.trans(a))
+                score += _dot_t(s, a, IEEE)
         if HAS_BETA:
             t_anc = tl.load(ta_ptr + b * ta_sb + rn, mask=col_ok, other=0.0)
             score -= beta * tl.abs(t_src[:, None] - t_anc[None, :])
