@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="mosi_epoch_") as tmp:
         for key in args.modes:
-            if key in ("c", "e") and device.type != "cuda":
+            if "train.cuda_graphs=true" in MODES[key][1] and device.type != "cuda":
                 skipped[key] = f"CUDA graphs need CUDA (device {device})"
                 continue
             results[key] = r = run_mode(key, base, ds, args.epochs, Path(tmp))
