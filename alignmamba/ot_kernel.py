@@ -85,7 +85,7 @@ def _ot_argmax_kernel(s_ptr, a_ptr, am_ptr, ts_ptr, ta_ptr, idx_ptr, Ts, Ta, D, 
     tl.store(idx_ptr + b * idx_sb + rm, best_idx.to(tl.int64), mask=row_ok)
 
 
-def pick_config(ieee: bool, bsz: int, ts_len: int, dim: int) -> tuple[int, int, int, int, int]:
+def pick_config(ieee: bool, dim: int) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages) for :func:`ot_argmax`.
 
     Half precision with d <= 256: 64 source rows kept resident (BK covers d; 64 x 256 bf16 is
@@ -129,7 +129,7 @@ def ot_argmax(s: Tensor, a: Tensor, anchor_mask: Tensor, t_src: Tensor | None = 
     else:  # unused by the kernel: any float32 tensors
         t_src = t_anchor = torch.zeros(1, 1, device=s.device, dtype=torch.float32)
     ieee = s.dtype == torch.float32
-    bm, bn, bk, warps, stages = config or pick_config(ieee, bsz, ts_len, dim)
+    bm, bn, bk, warps, stages = config or pick_config(ieee, dim)
     for name, v in (("BM", bm), ("BN", bn), ("BK", bk)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"ot_argmax: config {name}={v} must be a power of 2 >= 16")
