@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
     float* __restrict__ ckpt,          // (B, n_ck, N, D)
     float* __restrict__ dsum,          // (B, S, D): sum of delta over each segment (LOCAL)
     int L, int D, int N, int G, int Dg, int n_blk_g, int seg_len, int n_ck) {
-    __shared__ float4 sBC[2][2][CHUNK * NP / 4];  // [buf][B, C][step * 4 + q]
+    constexpr int CI = BC16 ? 0 : 1;  // C's slot in sBC (BC16: none, C travels with B)
+    __shared__ float4 sBC[2][CI + 1][CHUNK * NP / 4];  // [buf][B, C][step * 4 + q]
     __shared__ float4 sX[FW][CHUNK / 2][CW];      // (delta, delta u) of two steps per channel
     __shared__ float4 sY[FW][QG * CW * YROW];     // partial y: [q][c][32 steps + padding]
     __shared__ unsigned long long sBar[2];        // sBC[buf] written by all 128 threads
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
     Raw<DT> ru, rd, rz;
     load_bc(l_beg, nb, nc);
     sBC[0][0][tid] = nb;
-    if (!LOCAL && !BC16) sBC[0][1][tid] = nc;
+    if (!LOCAL && !BC16) sBC[0][CI][tid] = nc;
     mbar_arrive(&sBar[0]);
     if (l_beg + CHUNK < l_end) load_bc(l_beg + CHUNK, nb, nc);
 
@@ -214,7 +215,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
         // the state) are issued before group g's state updates, so that their latencies
         // overlap the update chain
         const float4* sb = sBC[buf][0];
-        const float4* sc = sBC[buf][1];
+        const float4* sc = sBC[buf][CI];
         float4* yrow = &sY[warp][(q * CW + c) * YROW];
         float xg[GS], dA[GS][QS];
         float4 bq[GS], cq[GS];
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
         // this thread is done with sBC[buf]: stage the next chunk's rows in the other buffer
         if (t1 < l_end) {
             sBC[buf ^ 1][0][tid] = nb;
-            if (!LOCAL && !BC16) sBC[buf ^ 1][1][tid] = nc;
+            if (!LOCAL && !BC16) sBC[buf ^ 1][CI][tid] = nc;
             mbar_arrive(&sBar[buf ^ 1]);
             if (t1 + CHUNK < l_end) load_bc(t1 + CHUNK, nb, nc);
         }
