@@ -508,8 +508,13 @@ def test_fwd_kernel_choice_is_checked(monkeypatch):
     with pytest.raises(AlignMambaError, match="fwd_kernel='cuda' cannot run: (N=20|not a CUDA)"):
         triton_fn(fwd_kernel="cuda")(x, True, False)
     monkeypatch.setenv(ts.ENV_FWD, "fast")
-    with pytest.raises(AlignMambaError, match="ALIGNMAMBA_SCAN_FWD"):
+    with pytest.raises(AlignMambaError, match="ALIGNMAMBA_SCAN_FWD='fast' is not one of"):
         triton_fn()(x, True, False)
+    monkeypatch.setenv(ts.ENV_FWD, "cuda")  # the error names where the choice came from
+    with pytest.raises(AlignMambaError, match="ALIGNMAMBA_SCAN_FWD='cuda' cannot run"):
+        triton_fn()(x, True, False)
+    with pytest.raises(AlignMambaError, match="fwd_kernel='cuda' cannot run"):
+        triton_fn(fwd_kernel="cuda")(x, True, False)  # an explicit argument wins over the variable
     monkeypatch.setenv(ts.ENV_FWD, "triton")  # forced Triton runs anywhere Triton does
     assert triton_fn()(x, True, False).shape == (1, 4, 9)
     big = torch.zeros(1, 4, 9, dtype=torch.float16)

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from alignmamba.config import env_choice
 from alignmamba.errors import AlignMambaError
 from alignmamba.ssm import cuda_scan, nvrtc
 from alignmamba.ssm.scan import _warn_once
@@ -1017,12 +1018,8 @@ def _pick_kernel(which: str, kernel: str | None, u: Tensor, delta: Tensor, z: Te
     it can run, else Triton with a one-time warning on CUDA tensors. ``step``: checkpoint
     spacing (None: the forward stores no checkpoints)."""
     env, arg = (ENV_FWD, "fwd_kernel") if which == "fwd" else (ENV_BWD, "bwd_kernel")
-    name = kernel or "auto"
-    if name == "auto":
-        name = os.environ.get(env, "").strip() or "auto"
-    if name not in ("auto", "cuda", "triton"):
-        raise AlignMambaError(f"selective_scan_triton: {arg}={name!r} (or {env}) is not "
-                              "one of auto, cuda, triton")
+    name, source = env_choice(kernel, ("auto", "cuda", "triton"), env, "selective_scan_triton",
+                              arg)
     if name == "triton" or (name == "auto" and u.device in _CUDA_BROKEN[which]):
         return "triton"  # forced, or the CUDA kernel failed here before (warned then)
     check = cuda_scan.fwd_supported if which == "fwd" else cuda_scan.bwd_supported
@@ -1030,7 +1027,7 @@ def _pick_kernel(which: str, kernel: str | None, u: Tensor, delta: Tensor, z: Te
     if ok:
         return "cuda" if name == "cuda" else "cuda-auto"
     if name == "cuda":
-        raise AlignMambaError(f"selective_scan_triton: {arg}='cuda' cannot run: {why}")
+        raise AlignMambaError(f"selective_scan_triton: {source}='cuda' cannot run: {why}")
     if u.is_cuda:
         pname = _PASS_NAMES[which]
         _warn_once(f"{which}_{why}", f"alignmamba: CUDA scan {pname} unavailable ({why}); "
