@@ -237,12 +237,12 @@ def _graphed(step, device):
     """(replay, True, None) for ``step`` captured in a CUDA graph (fixed inputs and shapes, so
     one capture serves every timed call), or (step, False, why) when the forward cannot be
     captured (a host sync or a data-dependent shape, as in the baselines' padding packing)."""
-    from .graphs import capture_graph
+    from .graphs import capture_failure, capture_graph
 
     try:
         graph, _ = capture_graph(step, device)
     except Exception as e:  # noqa: BLE001 - any capture failure means "run it eagerly"
-        return step, False, f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager"
+        return step, False, f"{capture_failure(e)}; eager"
     return graph.replay, True, None
 
 

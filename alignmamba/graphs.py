@@ -256,6 +256,13 @@ class GraphedTrainStep:
 
 # ------------------------------------------------------------------ inference
 
+def capture_failure(exc: BaseException) -> str:
+    """One line on why a capture failed, for the warnings of the callers that then run eagerly:
+    the exception's type and the first line of its message (cut to 120 characters)."""
+    first = (str(exc).splitlines() or [""])[0][:120]
+    return f"CUDA graph capture failed ({type(exc).__name__}{': ' + first if first else ''})"
+
+
 def capture_graph(fn: Callable[[], Any], device: torch.device,
                   warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
     """(graph, output) of ``fn()`` captured in a CUDA graph on ``device``.
@@ -331,8 +338,7 @@ class GraphedForward:
         try:
             graph, out = capture_graph(lambda: self._forward(static_f, static_m), device)
         except Exception as e:  # noqa: BLE001 - any capture failure means "run it eagerly"
-            warn_once(f"GraphedForward: CUDA graph capture failed ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:120]}); running eagerly")
+            warn_once(f"GraphedForward: {capture_failure(e)}; running eagerly")
             self._graphs[sig] = None
             return
         self._graphs[sig] = (graph, static_f, static_m, out)

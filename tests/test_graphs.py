@@ -442,3 +442,15 @@ def test_graphed_forward_replays_equal_eager_on_cuda():
     assert len([v for v in g._graphs.values() if v is not None]) == 1  # the first was dropped
     torch.testing.assert_close(g(*a).pred, eager(*a), rtol=1e-5, atol=1e-6)  # captured again
     assert g.replays == 4
+
+
+def test_capture_failure_is_one_line():
+    """The warning text of a failed capture: type and first message line, also for an
+    exception without a message (which used to raise IndexError inside the handler)."""
+    assert G.capture_failure(RuntimeError("operation not permitted when stream is capturing\n"
+                                          "more")) == ("CUDA graph capture failed (RuntimeError: "
+                                                       "operation not permitted when stream is "
+                                                       "capturing)")
+    assert G.capture_failure(AssertionError()) == "CUDA graph capture failed (AssertionError)"
+    long = G.capture_failure(ValueError("x" * 500))
+    assert "\n" not in long and long.count("x") == 120
