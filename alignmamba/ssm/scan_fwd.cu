@@ -249,13 +249,13 @@ __global__ void __launch_bounds__(FW * 32, MINB) ssm_fwd(
             for (int sg = 0; sg < GS; ++sg) {
                 float bj[QS] = {bq[sg].x, bq[sg].y, bq[sg].z, bq[sg].w};
                 float4 cj = cq[sg];
-                if (BC16) {
+                if (BC16) {  // each word: B (low half) and C (high half) in bf16
                     const unsigned w[QS] = {__float_as_uint(bq[sg].x), __float_as_uint(bq[sg].y),
                                             __float_as_uint(bq[sg].z), __float_as_uint(bq[sg].w)};
 #pragma unroll
-                    for (int j = 0; j < QS; ++j) bj[j] = __uint_as_float(w[j] << 16);
-                    cj = make_float4(__uint_as_float(w[0] & 0xffff0000u), __uint_as_float(w[1] & 0xffff0000u),
-                                     __uint_as_float(w[2] & 0xffff0000u), __uint_as_float(w[3] & 0xffff0000u));
+                    for (int j = 0; j < QS; ++j) bj[j] = Elem<1>::f((u16)(w[j] & 0xffffu));
+                    cj = make_float4(Elem<1>::f((u16)(w[0] >> 16)), Elem<1>::f((u16)(w[1] >> 16)),
+                                     Elem<1>::f((u16)(w[2] >> 16)), Elem<1>::f((u16)(w[3] >> 16)));
                 }
 #pragma unroll
                 for (int j = 0; j < QS; ++j) h[j] = fmaf(dA[sg][j], h[j], xg[sg] * bj[j]);
