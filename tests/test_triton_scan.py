@@ -878,3 +878,9 @@ def test_cuda_fwd_options_are_checked():
             ts.cuda_scan.selective_scan_fwd_cuda(u, u, A, rows, rows, None, None, None, None,
                                                  True, torch.empty_like(u), None, None, None,
                                                  1, 64, (bad,))
+    # the rows' layout is _fwd's option: only 0 (fp32 rows) or 1 (packed where exact)
+    cf = ts.pick_fwd_config(32)
+    for bad in ("BC16=2", "BC16=", "BC16=x"):
+        with pytest.raises(ValueError, match=f"option '{bad}': BC16=0 or BC16=1 expected"):
+            ts._fwd(u, u, A, bc, bc, None, None, None, None, True, False, False, cf, 1, "cuda",
+                    (bad,))

@@ -896,6 +896,9 @@ def _fwd(u, delta, A, Bg, Cg, D, z, delta_bias, h0, softplus, store_last, store_
         z = z.contiguous() if z is not None else None
         # bf16 B and C travel packed (the BC16 build, exact); "BC16=0" in options keeps the
         # fp32 rows (benchmarks compare the two)
+        for opt in options:
+            if opt.startswith("BC16=") and opt not in ("BC16=0", "BC16=1"):
+                raise ValueError(f"scan_fwd.cu option {opt!r}: BC16=0 or BC16=1 expected")
         bc16 = Bg.dtype == Cg.dtype == torch.bfloat16 and "BC16=0" not in options
         options = tuple(o for o in options if not o.startswith("BC16="))
         Br, Cr = ((cuda_scan.rows_bc16(Bg, Cg), None) if bc16
